@@ -1,0 +1,137 @@
+"""The contract between decoding policies and the step loop that drives them.
+
+A policy is a small object that holds no model: for one sequence it says what the next forward must
+see (`plan`) and, given that forward's logits, which masked positions to commit and to what
+(`commit`). `dllm_runtime.engine.step.run_step` runs the planned forwards of many sequences as one
+batched model call; the conformance runner, `dllm-serve generate` and the serving engine all use
+that one loop, so there is no second "reference" decoding loop to drift from the first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from dllm_runtime.models.base import SpecialIds
+
+
+class RandomSource:
+    """Every random draw a policy makes goes through here, in the reference's call order.
+
+    Backed by a per-request `torch.Generator`, so a request's draws do not depend on what else is in
+    the batch. Seeded on CPU, the stream equals `torch.manual_seed(seed)` + the reference's global
+    draws, which is how the golden sampling cases are reproduced. Tests may subclass it to inject
+    saved draws (the seam named in the runtime-core issue).
+    """
+
+    def __init__(self, seed: int | None, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """U[0,1) like `torch.rand`/`torch.rand_like` (Gumbel noise, random remasking, Dream coins)."""
+        return torch.rand(shape, dtype=dtype, device=device, generator=self.generator)
+
+    def multinomial(self, probs: torch.Tensor, num_samples: int, replacement: bool = False) -> torch.Tensor:
+        """`torch.multinomial` (Dream alg_temp position selection, d3LLM-Dream sampling)."""
+        return torch.multinomial(probs, num_samples, replacement=replacement, generator=self.generator)
+
+    def categorical(self, probs: torch.Tensor) -> torch.Tensor:
+        """`torch.distributions.Categorical(probs).sample()`: one id per row of `probs` `(N, V)`.
+
+        Categorical.sample is `multinomial(probs, 1, True)`; calling it through our generator keeps
+        the same stream as the reference's global-RNG call.
+        """
+        probs_2d = probs.reshape(-1, probs.size(-1))
+        return torch.multinomial(probs_2d, 1, True, generator=self.generator).reshape(probs.shape[:-1])
+
+
+@dataclass
+class ForwardSpec:
+    """What one sequence needs from the next batched forward.
+
+    `input_ids` `(R, T)`: R rows (1, or 2 for CFG's conditional + unconditional branch) of the canvas
+    window `[offset, offset + T)`. With `use_cache`, the rows also attend to the sequence's stored
+    keys outside that window (`kv[:offset] ++ new ++ kv[offset+T:]`, the Fast-dLLM prefix and dual
+    cache orders). With `store_cache`, the forward's post-RoPE k/v replace the sequence's cache for
+    canvas positions `[offset, offset + T)` (a full-canvas forward with `offset=0` builds it).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None = None  # (R, T) bool, False = left pad (key masked)
+    offset: int = 0
+    use_cache: bool = False
+    store_cache: bool = False
+
+
+@dataclass
+class KVCache:
+    """Per-sequence block KV cache: post-RoPE keys/values of every canvas position, per layer."""
+
+    keys: list[torch.Tensor]  # per layer (R, Hkv, L, D)
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # (R, L) bool
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class Sequence:
+    """One request's canvas and decoding state, shared by its policy and the step loop.
+
+    `canvas` is `(1, L)` = prompt (possibly left-padded) + generation slots, so policies read like
+    the batch-1 reference code they reproduce.
+    """
+
+    canvas: torch.Tensor
+    prompt_len: int
+    special: SpecialIds
+    rng: RandomSource
+    valid: torch.Tensor | None = None  # (1, L) bool; None = no padding
+    kv: KVCache | None = None
+    nfe: int = 0
+    finished: bool = False
+    #: free-form per-policy state (block index, step index, quotas …)
+    state: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.canvas.shape[1]
+
+    @property
+    def gen_length(self) -> int:
+        return self.length - self.prompt_len
+
+    def committed_prefix_len(self) -> int:
+        """Generated tokens finalised left to right: up to the first still-masked slot."""
+        gen = self.canvas[0, self.prompt_len :]
+        masked = (gen == self.special.mask).nonzero()
+        return int(masked[0, 0]) if masked.numel() else gen.numel()
+
+    def cache_bytes(self) -> int:
+        return self.kv.nbytes() if self.kv is not None else 0
+
+
+class DecodingPolicy(ABC):
+    """Decides, step by step, which masked positions of one sequence to commit."""
+
+    #: short name used in flags, metrics and logs (e.g. "llada", "fast_dllm", "dream", "d3llm")
+    name: str = "policy"
+
+    def init(self, seq: Sequence) -> None:
+        """Called once before the first `plan` (validate settings against the canvas, set state)."""
+
+    @abstractmethod
+    def plan(self, seq: Sequence) -> ForwardSpec | None:
+        """The next forward this sequence needs, or None when decoding is complete."""
+
+    @abstractmethod
+    def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Apply the raw (unshifted) logits `(R, T, V)` of the planned forward to `seq.canvas`."""

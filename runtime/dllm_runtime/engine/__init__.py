@@ -1,0 +1,1 @@
+"""Continuous-batching diffusion engine: one step loop batching every running sequence."""
