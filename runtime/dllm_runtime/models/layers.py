@@ -1,0 +1,124 @@
+"""Building blocks shared by the native models: RMSNorm, rotary embeddings, SwiGLU, attention dispatch.
+
+Numerics follow the released modeling code (ALGORITHMS.md §2) so that fp32 forwards match the golden
+logits: RMSNorm statistics in fp32 and cast back before the weight; rotary angles in fp32 with the
+rotate-half (non-interleaved) layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllm_runtime.models.attention import sdpa
+from dllm_runtime.models.base import AttentionContext
+
+
+class RMSNorm(nn.Module):
+    """`w ⊙ cast_back(x_fp32 · rsqrt(mean(x_fp32²) + eps))` (LLaDA and Qwen2 agree on this form)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding for arbitrary per-token positions `(B, T)`.
+
+    `inv_freq` is recomputed per device on first use instead of being a buffer, so models can be
+    built on the meta device and filled from safetensors without a buffer re-initialisation step.
+
+    `full_precision=True` (LLaDA `rope_full_precision`) rotates q/k in fp32 and casts back;
+    `False` (Qwen2/Dream) casts cos/sin to the activation dtype and rotates in that dtype.
+    """
+
+    def __init__(self, head_dim: int, theta: float, full_precision: bool) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self.full_precision = full_precision
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        cached = self._inv_freq.get(device)
+        if cached is None:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+            cached = 1.0 / (self.theta ** (exponent / self.head_dim))
+            self._inv_freq[device] = cached
+        return cached
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 `(B, 1, T, D)` cos/sin tables for integer `positions` `(B, T)`."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin
+        if self.full_precision:
+            return _rotate(q.float(), cos, sin).type_as(q), _rotate(k.float(), cos, sin).type_as(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) ⊙ up`: LLaDA's ff_proj/up_proj pair, Qwen2's gate_proj/up_proj pair."""
+    return F.silu(gate) * up
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(B, T, H·D)` → `(B, H, T, D)`."""
+    b, t, _ = x.shape
+    return x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`(B, H, T, D)` → `(B, T, H·D)`."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def attend(
+    attention: AttentionContext | None, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Dispatch one layer's attention: the caller's context, or full bidirectional attention.
+
+    With no context, CUDA tensors in fp16/bf16 use flash-attn when it is installed (non-causal,
+    GQA-native); everything else uses `sdpa`. The flash-attn branch is not exercised by the CPU
+    test suite: it is verified on a GPU machine only.
+    """
+    if attention is not None:
+        return attention.attend(layer, q, k, v)
+    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+        return out.transpose(1, 2)
+    return sdpa(q, k, v)
+
+
+def _load_flash_attn():  # pragma: no cover - depends on an optional GPU package
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import time
+        return None
+    return flash_attn_func
+
+
+_flash_attn_func = _load_flash_attn()

@@ -1,0 +1,219 @@
+"""Load native models from Hugging Face folders (config.json + safetensors, sharded or not).
+
+Modules are built on the meta device and filled tensor by tensor from safetensors, so an 8B model
+never exists twice in memory. Every failure is a `ModelLoadError` that names the file and, where
+there is one, the tensor: an operator reading a pod log must be able to act on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dllm_runtime.models.base import DiffusionModel, SpecialIds
+from dllm_runtime.models.dream import DreamConfig, DreamModel
+from dllm_runtime.models.llada import LLaDAConfig, LLaDAModel
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+#: `model_type` (lower-cased) → (config parser, model class).
+ARCHITECTURES: dict[str, tuple[Any, type[DiffusionModel]]] = {
+    "llada": (LLaDAConfig, LLaDAModel),
+    "dream": (DreamConfig, DreamModel),
+}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+#: Checkpoint tensors that carry no weights (precomputed RoPE tables of older exports).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ModelLoadError(Exception):
+    """A model folder that cannot be loaded; the message names the file (and tensor)."""
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """`None`/`"auto"` → None (use the checkpoint's); otherwise a float dtype or `ValueError`."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).strip().lower().removeprefix("torch.")
+    if key == "auto":
+        return None
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {value!r} (choose auto, float32, bfloat16 or float16)")
+    return _DTYPES[key]
+
+
+def read_config(config_path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(config_path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: config file not found")
+    try:
+        with path.open(encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: config must be a JSON object")
+    return cfg
+
+
+def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a folder: the index's shards, else `model.safetensors`."""
+    folder = Path(model_dir)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: invalid safetensors index: {exc}") from exc
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise ModelLoadError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+        return shards
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    raise ModelLoadError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors (PyTorch .bin is not supported)")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> DiffusionModel:
+    """Load a Hugging Face model folder (`config.json` + safetensors) as a native `DiffusionModel`."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found")
+    return load_model_files(folder / "config.json", weight_files(folder), dtype=dtype, device=device, model_dir=folder)
+
+
+def load_model_files(
+    config_path: str | os.PathLike[str],
+    weight_paths: Iterable[str | os.PathLike[str]],
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    special_ids: SpecialIds | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> DiffusionModel:
+    """Load from explicit files (the golden layout: `llada_tiny_config.json` + `llada_tiny.safetensors`).
+
+    `dtype`: None/"auto" takes `torch_dtype` from the config, else the stored tensors' dtype.
+    Special ids come from `special_ids`, else from the config and the tokenizer files in `model_dir`
+    (default: the config's folder).
+    """
+    from dllm_runtime.tokenizer import resolve_special_ids
+
+    config_path = Path(config_path)
+    paths = [Path(p) for p in weight_paths]
+    if not paths:
+        raise ModelLoadError(f"{config_path}: no weight files given")
+    cfg = read_config(config_path)
+    target_device = _parse_device(device)
+    requested = parse_dtype(dtype)
+
+    model_type = str(cfg.get("model_type", ""))
+    if model_type.lower() not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"{config_path}: unknown model_type {model_type!r} (supported: {supported})")
+    config_cls, model_cls = ARCHITECTURES[model_type.lower()]
+    try:
+        arch_cfg = config_cls.from_dict(cfg)
+        ids = special_ids or resolve_special_ids(cfg, model_dir=model_dir or config_path.parent)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{config_path}: invalid config: {exc}") from exc
+
+    with torch.device("meta"):
+        model = model_cls(arch_cfg, ids)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state, stored_dtype = _read_tensors(paths, expected)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        files = ", ".join(str(p) for p in paths)
+        raise ModelLoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more) in {files}")
+
+    final_dtype = requested or _config_dtype(cfg, config_path) or stored_dtype
+    state = {k: v.to(device=target_device, dtype=final_dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.eval()
+    _check_special_ids(model, config_path)
+    return model
+
+
+def _read_tensors(
+    paths: list[Path], expected: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    from safetensors import SafetensorError, safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    stored_dtype = torch.float32
+    for path in paths:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: weight file not found")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if name not in expected:
+                        raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not part of this architecture)")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise ModelLoadError(
+                            f"{path}: tensor {name!r} has shape {list(shape)}, config expects {list(expected[name])}"
+                        )
+                    if name in state:
+                        raise ModelLoadError(f"{path}: tensor {name!r} appears in more than one file")
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point():
+                        stored_dtype = tensor.dtype
+                    state[name] = tensor
+        except ModelLoadError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
+    return state, stored_dtype
+
+
+def _config_dtype(cfg: Mapping[str, Any], config_path: Path) -> torch.dtype | None:
+    value = cfg.get("torch_dtype") or cfg.get("dtype")  # transformers 5 writes "dtype"
+    if value is None:
+        return None
+    try:
+        return parse_dtype(value)
+    except ValueError as exc:
+        raise ModelLoadError(f"{config_path}: {exc}") from exc
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def _check_special_ids(model: DiffusionModel, config_path: Path) -> None:
+    ids = model.special_ids
+    for field in ("mask", "eos", "pad", "eot", "bos"):
+        value = getattr(ids, field)
+        if value is not None and not 0 <= value < model.vocab_size:
+            raise ModelLoadError(f"{config_path}: {field} token id {value} is outside the vocabulary (size {model.vocab_size})")
