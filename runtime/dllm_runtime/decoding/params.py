@@ -64,6 +64,8 @@ class DecodingParams:
     # d3LLM multi-block
     block_add_threshold: float = 0.1
     decoded_token_threshold: float = 0.95
+    #: d3LLM: once an EOS is decoded, fill everything after it with EOS and stop (the d3LLM chat default)
+    early_stop: bool = True
     seed: int | None = None
     #: free-form extras for algorithms added later (kept so `replace`/`from_dict` round-trip)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +120,7 @@ class DecodingParams:
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
         _check(_is_num(self.alg_temp) and self.alg_temp >= 0, "alg_temp", f"must be >= 0, got {self.alg_temp!r}")
         _check(_is_num(self.eps) and 0 <= self.eps < 1, "eps", f"must be in [0, 1), got {self.eps!r}")
+        _check(isinstance(self.early_stop, bool), "early_stop", f"must be a boolean, got {self.early_stop!r}")
         for name in ("block_add_threshold", "decoded_token_threshold"):
             value = getattr(self, name)
             _check(_is_num(value) and 0 <= value <= 1, name, f"must be in [0, 1], got {value!r}")
