@@ -9,6 +9,7 @@ Fast-dLLM prefix/dual caches, so a batch of one reproduces the references bit fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -117,27 +118,93 @@ def batched_forward(model: DiffusionModel, work: list[tuple[Sequence, ForwardSpe
     return out
 
 
-def run_step(model: DiffusionModel, batch: list[tuple[Sequence, DecodingPolicy]]) -> None:
+@dataclass
+class StepResult:
+    """What one `run_step` did (the engine's step statistics)."""
+
+    sequences: int = 0  # sequences that took part in the forward
+    rows: int = 0  # model rows (CFG sequences have 2)
+    tokens: int = 0  # real (unpadded) tokens over all rows
+
+
+#: called with the failing sequence and its exception; the sequence is already marked finished
+ErrorHandler = Callable[[Sequence, Exception], None]
+
+
+def run_step(
+    model: DiffusionModel,
+    batch: list[tuple[Sequence, DecodingPolicy]],
+    on_error: ErrorHandler | None = None,
+) -> StepResult:
     """One engine step: plan every sequence, one batched forward, commit every sequence.
 
     Sequences whose policy has nothing left to do are marked finished without a forward.
+    Without `on_error` any exception propagates (conformance, `generate`). With it (the serving
+    engine) a failing `plan`/`commit` finishes only its own sequence, and a failing batched forward
+    is retried one sequence at a time so that only the sequence that breaks it fails.
     """
     work: list[tuple[Sequence, ForwardSpec, DecodingPolicy]] = []
     for seq, policy in batch:
         if seq.finished:
             continue
-        spec = policy.plan(seq)
+        try:
+            spec = policy.plan(seq)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            _fail(seq, exc, on_error)
+            continue
         if spec is None:
             seq.finished = True
         else:
             work.append((seq, spec, policy))
     if not work:
-        return
-    with torch.inference_mode():
-        logits = batched_forward(model, [(s, f) for s, f, _ in work])
-    for (seq, _, policy), seq_logits in zip(work, logits):
+        return StepResult()
+    try:
+        with torch.inference_mode():
+            logits = batched_forward(model, [(s, f) for s, f, _ in work])
+    except Exception as exc:
+        if on_error is None:
+            raise
+        if len(work) == 1:
+            _fail(work[0][0], exc, on_error)
+            return StepResult()
+        work, logits = _isolate_forward(model, work, on_error)
+    result = StepResult()
+    for (seq, spec, policy), seq_logits in zip(work, logits):
         seq.nfe += 1
-        policy.commit(seq, seq_logits)
+        result.sequences += 1
+        result.rows += spec.input_ids.shape[0]
+        result.tokens += int(spec.input_ids.numel() if spec.valid is None else spec.valid.sum())
+        try:
+            policy.commit(seq, seq_logits)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            _fail(seq, exc, on_error)
+    return result
+
+
+def _fail(seq: Sequence, exc: Exception, on_error: ErrorHandler) -> None:
+    seq.finished = True
+    on_error(seq, exc)
+
+
+def _isolate_forward(
+    model: DiffusionModel,
+    work: list[tuple[Sequence, ForwardSpec, DecodingPolicy]],
+    on_error: ErrorHandler,
+) -> tuple[list[tuple[Sequence, ForwardSpec, DecodingPolicy]], list[torch.Tensor]]:
+    """Re-run a failed batched forward one sequence at a time; only failing sequences are dropped."""
+    kept, logits = [], []
+    for item in work:
+        try:
+            with torch.inference_mode():
+                logits.append(batched_forward(model, [(item[0], item[1])])[0])
+            kept.append(item)
+        except Exception as exc:
+            _fail(item[0], exc, on_error)
+    return kept, logits
 
 
 def run_to_completion(model: DiffusionModel, batch: list[tuple[Sequence, DecodingPolicy]]) -> None:

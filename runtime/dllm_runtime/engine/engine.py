@@ -1,0 +1,480 @@
+"""`AsyncEngine`: continuous batching of diffusion sequences at step granularity.
+
+Threading model. The event loop (the server) only submits, cancels and reads: `generate` validates
+and enqueues a request, then awaits its per-request `asyncio.Queue`. One worker thread owns the
+model, the device and every `Sequence`; it loops: apply cancellations, admit waiting requests
+(`Scheduler`), run one batched forward over every running sequence (`engine.step.run_step`, the
+same loop the conformance runner uses), then turn each sequence's newly finalised prefix into a
+`GenerationOutput` and hand it to its loop with `loop.call_soon_threadsafe`. The loop is never
+blocked by a forward; the worker never touches asyncio objects except through that call.
+
+Shared state (waiting queue, cancel set, counters) is guarded by one lock held only for
+bookkeeping, never across a forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import torch
+
+from dllm_runtime.decoding.base import DecodingPolicy, RandomSource, Sequence
+from dllm_runtime.engine.config import EngineConfig
+from dllm_runtime.engine.detokenizer import IncrementalDetokenizer
+from dllm_runtime.engine.request import (
+    EngineShutdownError,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    RequestValidationError,
+)
+from dllm_runtime.engine.scheduler import Footprint, Scheduler, estimate_cache_bytes
+from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats, StepStats
+from dllm_runtime.engine.step import run_step
+from dllm_runtime.models.base import DiffusionModel
+
+logger = logging.getLogger(__name__)
+
+_NEW, _RUNNING, _DRAINING, _STOPPED = "new", "running", "draining", "stopped"
+
+
+@dataclass(eq=False)  # identity semantics: cancel sets hold the object, not its (reusable) id
+class _Tracked:
+    """Engine-side state of one request, from submission to its final output."""
+
+    request: GenerationRequest
+    seq: Sequence
+    policy: DecodingPolicy
+    footprint: Footprint
+    detok: IncrementalDetokenizer
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float
+    max_tokens: int
+    first_step: float | None = None
+    first_token: float | None = None
+    steps: int = 0
+    prefix_seen: int = 0  # committed-prefix length already scanned for stop ids
+    error: str | None = None
+    done: bool = False  # final output handed to the loop
+    running: bool = False
+
+
+class AsyncEngine:
+    """One model, one device, one worker thread; many concurrent requests in one batch per step."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.observer = observer
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self._element_size = param.element_size() if param is not None else 4
+        self._stop_ids = torch.tensor(model.special_ids.stop_ids(), dtype=torch.long, device=self.device)
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._scheduler: Scheduler[_Tracked] = Scheduler(self.config)
+        self._by_id: dict[str, _Tracked] = {}  # waiting + running, under the lock
+        self._cancelled: set[_Tracked] = set()  # under the lock
+        self._state = _NEW
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+        self._running: list[_Tracked] = []  # worker thread only
+        # counters (written by the worker under the lock, read by stats())
+        self._total_steps = 0
+        self._total_forwards = 0
+        self._total_committed = 0
+        self._total_finished = 0
+        self._cache_bytes = 0
+        self._last_step_latency = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._lock:
+            if self._state != _NEW:
+                return
+            self._state = _RUNNING
+        self._thread = threading.Thread(target=self._worker, name="dllm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting, let in-flight requests finish within `timeout` s, then abort the rest."""
+        with self._wakeup:
+            if self._state == _NEW:
+                self._state = _STOPPED
+                return
+            if self._state == _RUNNING:
+                self._state = _DRAINING
+                self._deadline = time.monotonic() + max(0.0, timeout)
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def is_running(self) -> bool:
+        """True while the engine accepts requests (the server's readiness can use it)."""
+        return self._state == _RUNNING
+
+    # ------------------------------------------------------------------ public API
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Submit `request` and stream its outputs; the last one has `finished=True`.
+
+        Raises (before the first output) `RequestValidationError` when the request can never be
+        served as asked and `QueueFullError` when the waiting queue is full or the engine is
+        shutting down. Leaving the iteration early (a client disconnect, task cancellation)
+        cancels the request: it leaves the batch at the next step.
+        """
+        tracked = self._submit(request, asyncio.get_running_loop())
+        try:
+            while True:
+                out = await tracked.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not tracked.done:
+                self._cancel(tracked)
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request (thread-safe; unknown or finished ids are ignored)."""
+        with self._lock:
+            tracked = self._by_id.get(request_id)
+        if tracked is not None:
+            self._cancel(tracked)
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot for metrics and health checks (any thread)."""
+        with self._lock:
+            running = self._scheduler.num_running
+            return EngineStats(
+                num_running=running,
+                num_waiting=self._scheduler.num_waiting,
+                max_num_seqs=self.config.max_num_seqs,
+                batch_occupancy=running / self.config.max_num_seqs,
+                total_steps=self._total_steps,
+                total_forwards=self._total_forwards,
+                total_tokens_committed=self._total_committed,
+                total_requests_finished=self._total_finished,
+                cache_bytes=self._cache_bytes,
+                reserved_cache_bytes=self._scheduler.reserved_cache_bytes,
+                max_cache_bytes=self.config.max_cache_bytes,
+                last_step_latency_s=self._last_step_latency,
+            )
+
+    # ------------------------------------------------------------------ submission (event loop)
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Tracked:
+        if self._state != _RUNNING:
+            raise EngineShutdownError(
+                "the engine is not running" if self._state == _NEW else "the engine is shutting down"
+            )
+        prompt = self._check_prompt(request.prompt_token_ids)
+        stop = request.stop or []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise RequestValidationError("stop: must be a list of strings", "stop")
+        params = request.params
+        try:
+            params.validate()
+            slots = params.generation_slots()
+        except ValueError as exc:
+            raise RequestValidationError(str(exc), _param_of(exc)) from None
+        canvas_len = len(prompt) + slots
+        if canvas_len > self.config.max_model_len:
+            param = "prompt" if len(prompt) >= self.config.max_model_len else "max_tokens"
+            raise RequestValidationError(
+                f"{param}: this model's maximum context length is {self.config.max_model_len} tokens, but the "
+                f"request needs {canvas_len} ({len(prompt)} prompt + {slots} generation slots for "
+                f"max_tokens={params.max_tokens}); reduce the prompt or max_tokens",
+                param,
+            )
+        rows = 2 if params.cfg_scale > 0 else 1
+        cache = 0
+        if params.cache != "none":
+            cache = estimate_cache_bytes(
+                rows=rows,
+                canvas=canvas_len,
+                num_layers=self.model.num_layers,
+                num_kv_heads=self.model.num_kv_heads,
+                head_dim=self.model.head_dim,
+                element_size=self._element_size,
+            )
+        footprint = Footprint(rows=rows, canvas=canvas_len, cache_bytes=cache)
+        self._scheduler.check_fits(footprint)
+
+        from dllm_runtime.decoding.registry import build_policy  # decoders register lazily
+
+        special = self.model.special_ids
+        canvas = torch.full((1, canvas_len), special.mask, dtype=torch.long, device=self.device)
+        canvas[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        seq = Sequence(
+            canvas=canvas,
+            prompt_len=len(prompt),
+            special=special,
+            rng=RandomSource(params.seed, self.device),
+        )
+        try:
+            policy = build_policy(params, self.model)
+            policy.init(seq)
+        except ValueError as exc:
+            raise RequestValidationError(str(exc), _param_of(exc)) from None
+
+        tracked = _Tracked(
+            request=request,
+            seq=seq,
+            policy=policy,
+            footprint=footprint,
+            detok=IncrementalDetokenizer(self.tokenizer, stop),
+            loop=loop,
+            queue=asyncio.Queue(),
+            arrival=time.monotonic(),
+            max_tokens=params.max_tokens,
+        )
+        with self._wakeup:
+            if self._state != _RUNNING:
+                raise EngineShutdownError("the engine is shutting down")
+            if request.request_id in self._by_id:
+                raise RequestValidationError(
+                    f"request_id: {request.request_id!r} is already in flight", "request_id"
+                )
+            self._scheduler.enqueue(tracked, footprint)  # QueueFullError when full
+            self._by_id[request.request_id] = tracked
+            self._wakeup.notify_all()
+        return tracked
+
+    def _check_prompt(self, ids: Any) -> list[int]:
+        try:
+            prompt = [int(i) for i in ids]
+        except (TypeError, ValueError):
+            raise RequestValidationError("prompt: token ids must be integers", "prompt") from None
+        if not prompt:
+            raise RequestValidationError("prompt: must contain at least one token", "prompt")
+        vocab = self.model.vocab_size
+        bad = next((i for i in prompt if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise RequestValidationError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        if self.model.special_ids.mask in prompt:
+            raise RequestValidationError(
+                f"prompt: contains the mask token id {self.model.special_ids.mask}, which would be denoised", "prompt"
+            )
+        return prompt
+
+    def _cancel(self, tracked: _Tracked) -> None:
+        with self._wakeup:
+            if not tracked.done:
+                self._cancelled.add(tracked)
+                self._wakeup.notify_all()
+
+    # ------------------------------------------------------------------ worker thread
+    def _worker(self) -> None:
+        try:
+            while self._loop_once():
+                pass
+        except BaseException:  # a bug in the engine itself: fail everything loudly, never hang clients
+            logger.exception("engine worker crashed")
+            self._abort_all("error", "internal engine error")
+            with self._lock:
+                self._state = _STOPPED
+            raise
+
+    def _loop_once(self) -> bool:
+        """One iteration: bookkeeping, then one step. Returns False when the worker should exit."""
+        with self._wakeup:
+            while not (self._running or self._scheduler.num_waiting or self._cancelled) and self._state == _RUNNING:
+                self._wakeup.wait()
+            cancelled, self._cancelled = self._cancelled, set()
+            expired = self._state == _DRAINING and time.monotonic() >= (self._deadline or 0.0)
+            dropped = self._scheduler.remove_waiting(lambda t: t in cancelled)
+            admitted = [] if expired else self._scheduler.admit()
+            idle = not (self._running or admitted or self._scheduler.num_waiting)
+        for tracked in dropped:
+            self._finish(tracked, "abort", "cancelled")
+        for tracked in [t for t in self._running if t in cancelled]:
+            self._finish(tracked, "abort", "cancelled")
+        if expired:
+            self._abort_all("abort", "engine shut down before the request finished")
+            return False
+        if idle:
+            return self._state == _RUNNING
+        now = time.monotonic()
+        for tracked in admitted:
+            tracked.running = True
+            tracked.first_step = now
+            self._running.append(tracked)
+        self._step()
+        return True
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        batch = [(t.seq, t.policy) for t in self._running]
+        by_seq = {id(t.seq): t for t in self._running}
+        mask = self.model.special_ids.mask
+        masked_before = [int((t.seq.canvas == mask).sum()) for t in self._running]
+
+        def on_error(seq: Sequence, exc: Exception) -> None:
+            tracked = by_seq[id(seq)]
+            tracked.error = f"{type(exc).__name__}: {exc}"
+            logger.warning("request %s failed: %s", tracked.request.request_id, tracked.error)
+
+        result = run_step(self.model, batch, on_error=on_error)
+        committed = 0
+        for tracked, before in zip(list(self._running), masked_before):
+            tracked.steps += 1
+            committed += before - int((tracked.seq.canvas == mask).sum())
+            self._advance(tracked)
+        latency = time.perf_counter() - start
+        cache = sum(t.seq.cache_bytes() for t in self._running)
+        with self._lock:
+            self._total_steps += 1
+            self._total_forwards += 1 if result.sequences else 0
+            self._total_committed += committed
+            self._cache_bytes = cache
+            self._last_step_latency = latency
+            num_running, num_waiting = self._scheduler.num_running, self._scheduler.num_waiting
+        if result.sequences:
+            self._observe(
+                "on_step",
+                StepStats(
+                    batch_size=result.sequences,
+                    tokens_in_forward=result.tokens,
+                    tokens_committed=committed,
+                    latency_s=latency,
+                    cache_bytes=cache,
+                    num_running=num_running,
+                    num_waiting=num_waiting,
+                ),
+            )
+
+    def _advance(self, tracked: _Tracked) -> None:
+        """After a step: emit the newly finalised text, and finish the request when it is done."""
+        if tracked.error is not None:
+            self._finish(tracked, "error", tracked.error)
+            return
+        seq = tracked.seq
+        gen = seq.canvas[0, seq.prompt_len : seq.prompt_len + tracked.max_tokens]
+        prefix_len = seq.committed_prefix_len() if not seq.finished else gen.numel()
+        prefix_len = min(prefix_len, gen.numel())
+        reason: FinishReason | None = None
+        # early stop: EOS/EoT inside the finalised prefix ends the answer, the rest of the canvas is moot
+        if prefix_len > tracked.prefix_seen:
+            hits = torch.isin(gen[tracked.prefix_seen : prefix_len], self._stop_ids).nonzero()
+            if hits.numel():
+                prefix_len = tracked.prefix_seen + int(hits[0, 0])
+                reason = "stop"
+            tracked.prefix_seen = prefix_len
+        if reason is None and (prefix_len >= tracked.max_tokens or seq.finished):
+            reason = "length"
+        tokens = gen[:prefix_len]
+        if seq.finished:
+            # the policy may end with slots still masked (e.g. a dual-cache run out of steps): keep
+            # what was decoded, drop the holes
+            tokens = tokens[tokens != seq.special.mask]
+        text, ids = tracked.detok.update(tokens.tolist(), final=reason is not None)
+        if tracked.detok.stopped:
+            reason = "stop"
+        if reason is not None:
+            self._finish(tracked, reason, None, text, ids)
+        elif text or ids:
+            self._emit(tracked, GenerationOutput(tracked.request.request_id, text, ids, nfe=seq.nfe))
+
+    def _finish(
+        self,
+        tracked: _Tracked,
+        reason: FinishReason,
+        error: str | None,
+        text: str = "",
+        ids: list[int] | None = None,
+    ) -> None:
+        """Final output, free the sequence's cache and reservation, report its statistics."""
+        if tracked.done:
+            return
+        now = time.monotonic()
+        seq = tracked.seq
+        seq.finished = True
+        seq.kv = None  # free the block KV cache now, not when the last reference goes
+        # bookkeeping before the final output, so a consumer that saw it also sees the freed slot
+        with self._lock:
+            tracked.done = True
+            if tracked.running:
+                self._scheduler.release(tracked.footprint)
+            if self._by_id.get(tracked.request.request_id) is tracked:
+                del self._by_id[tracked.request.request_id]
+            self._cancelled.discard(tracked)
+            self._total_finished += 1
+        if tracked.running:
+            self._running.remove(tracked)
+            tracked.running = False
+            with self._lock:
+                self._cache_bytes = sum(t.seq.cache_bytes() for t in self._running)
+        self._emit(
+            tracked,
+            GenerationOutput(
+                request_id=tracked.request.request_id,
+                text_delta=text,
+                token_ids_delta=list(ids or []),
+                finished=True,
+                finish_reason=reason,
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=len(tracked.detok.token_ids),
+                nfe=seq.nfe,
+                error=error if reason in ("error", "abort") else None,
+            ),
+        )
+        self._observe(
+            "on_request_finished",
+            RequestStats(
+                request_id=tracked.request.request_id,
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=len(tracked.detok.token_ids),
+                nfe=seq.nfe,
+                steps=tracked.steps,
+                finish_reason=reason,
+                queue_time_s=(tracked.first_step or now) - tracked.arrival,
+                ttft_s=None if tracked.first_token is None else tracked.first_token - tracked.arrival,
+                e2e_s=now - tracked.arrival,
+            ),
+        )
+
+    def _abort_all(self, reason: FinishReason, message: str) -> None:
+        with self._lock:
+            waiting = self._scheduler.remove_waiting(lambda t: True)
+        for tracked in [*self._running, *waiting]:
+            self._finish(tracked, reason, message)
+        with self._lock:
+            self._cache_bytes = 0
+
+    def _emit(self, tracked: _Tracked, out: GenerationOutput) -> None:
+        if out.token_ids_delta and tracked.first_token is None:
+            tracked.first_token = time.monotonic()
+        try:
+            tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, out)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            if not out.finished:
+                self._cancel(tracked)
+
+    def _observe(self, method: str, stats: StepStats | RequestStats) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(stats)
+        except Exception:
+            logger.exception("engine observer %s failed (ignored)", method)
+
+
+def _param_of(exc: ValueError) -> str | None:
+    """`DecodingParams.validate` messages start with the field name: `"steps: must be ..."`."""
+    head = str(exc).split(":", 1)[0].strip()
+    return head if head.isidentifier() else None
