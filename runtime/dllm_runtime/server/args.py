@@ -81,6 +81,8 @@ class Option:
 SERVER_OPTIONS: tuple[Option, ...] = (
     Option("model", str, None, "Model folder (config.json + *.safetensors + tokenizer). "
            "Default: the built-in demo model. In KServe: /mnt/models."),
+    Option("model-wait-timeout", _non_negative_float, 0.0, "Seconds to wait for <model>/config.json to "
+           "appear (a modelcar sidecar or a copy still filling the folder); readiness is 503 meanwhile."),
     Option("served-model-name", str, None, "Name clients use in `model` and the readiness paths "
            "(default: the model folder's name; `dllm-demo` for the built-in model)."),
     Option("host", str, "0.0.0.0", "Address to listen on."),
@@ -137,6 +139,7 @@ class ServeSettings:
     """Resolved settings of one server process."""
 
     model: str | None
+    model_wait_timeout: float
     served_model_name: str | None
     host: str
     port: int

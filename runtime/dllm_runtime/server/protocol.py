@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dllm_runtime.server.errors import BadRequest
 
@@ -260,15 +260,3 @@ def model_card(name: str, created: int, max_model_len: int, root: str) -> dict[s
         "max_model_len": max_model_len,
     }
 
-
-class Choice(BaseModel):
-    """Accumulated state of one choice while its engine stream runs."""
-
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    forwards: int = 0
-    error: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)

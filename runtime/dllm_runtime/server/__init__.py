@@ -1,0 +1,1 @@
+"""The OpenAI-compatible KServe model server (`dllm-serve serve`)."""

@@ -1,0 +1,181 @@
+"""The `kserve.Model` that owns the diffusion engine (KServe's `engine=True` pattern).
+
+HTTP comes up at once; `start_engine` loads weights and tokenizer in a worker thread (never on the
+event loop) and only then marks the model ready, so `/v1/models/{name}` and `/v2/models/{name}/ready`
+answer 503 while loading and 200 after. On SIGTERM the server calls `drain`: readiness drops to 503,
+new requests get 503, in-flight requests may finish within the grace period, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kserve
+
+from dllm_runtime.server.args import ServeSettings
+from dllm_runtime.server.metrics import ServerMetrics
+
+logger = logging.getLogger("dllm_runtime.server")
+
+#: default max_model_len when neither the flag nor the config bounds it lower: a diffusion canvas
+#: is attended in full at every step, so the positional limit of long-context checkpoints
+#: (Dream: 131072) is far beyond what a request should be allowed to ask for by default.
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass
+class Loaded:
+    """What `start_engine` produced."""
+
+    engine: Any  # dllm_runtime.engine.engine.AsyncEngine
+    tokenizer: Any
+    model_type: str
+    max_model_len: int
+    vocab_size: int
+
+
+class DiffusionLMModel(kserve.Model):
+    """One served diffusion LM: lifecycle, readiness, drain and in-flight accounting."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        model_path: Path,
+        metrics: ServerMetrics,
+        on_fatal: Callable[[str], None] | None = None,
+        model_wait_timeout: float = 0.0,
+    ) -> None:
+        super().__init__(settings.served_model_name or model_path.name)
+        self.engine = True  # kserve: start_engine() runs inside the server's event loop
+        self.ready = False
+        self.settings = settings
+        self.model_path = model_path
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.model_wait_timeout = model_wait_timeout
+        self.created = int(time.time())
+        self.loaded: Loaded | None = None
+        self.load_error: str | None = None
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ kserve lifecycle
+    def start(self) -> None:
+        """kserve calls this at registration; readiness waits for `start_engine` instead."""
+
+    async def start_engine(self) -> None:
+        """Load weights off the event loop, then start the engine and become ready."""
+        try:
+            self.loaded = await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:  # any load failure is fatal for this process: say why, exit non-zero
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("failed to load model from %s: %s", self.model_path, self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.load_error)
+            return
+        self.metrics.bind_engine(self.loaded.engine.stats)
+        self.loaded.engine.start()
+        if not self.draining:
+            self.ready = True
+            logger.info("model %r ready (%s, max_model_len=%d)", self.name, self.loaded.model_type,
+                        self.loaded.max_model_len)
+
+    def stop_engine(self) -> None:
+        """kserve calls this on unload (after the HTTP server stopped); the drain already ran."""
+        self.ready = False
+
+    async def healthy(self) -> bool:
+        return self.ready and self.loaded is not None and not self.draining and self.loaded.engine.is_running
+
+    # ------------------------------------------------------------------ loading (worker thread)
+    def _load_blocking(self) -> Loaded:
+        self._wait_for_model_folder()
+        import torch  # heavy imports happen here, after HTTP is already up
+
+        from dllm_runtime.engine.config import EngineConfig
+        from dllm_runtime.engine.engine import AsyncEngine
+        from dllm_runtime.models import load_model
+        from dllm_runtime.tokenizer import load_tokenizer
+
+        s = self.settings
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        started = time.monotonic()
+        model = load_model(self.model_path, dtype=None if s.dtype == "auto" else s.dtype, device=device)
+        tokenizer = load_tokenizer(self.model_path)
+        max_model_len = s.max_model_len or min(_config_max_len(self.model_path) or DEFAULT_MAX_MODEL_LEN,
+                                               DEFAULT_MAX_MODEL_LEN)
+        defaults = EngineConfig()
+        config = EngineConfig(
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens or max(defaults.max_num_batched_tokens, max_model_len),
+            max_model_len=max_model_len,
+            max_waiting=s.max_waiting,
+            max_cache_bytes=s.max_cache_bytes or defaults.max_cache_bytes,
+        )
+        engine = AsyncEngine(model, tokenizer, config, observer=self.metrics)
+        logger.info("loaded %s on %s in %.1fs", self.model_path, device, time.monotonic() - started)
+        return Loaded(engine, tokenizer, str(model.model_type), max_model_len, int(model.vocab_size))
+
+    def _wait_for_model_folder(self) -> None:
+        """Wait for `config.json` (a modelcar sidecar or a copy may still be filling the folder)."""
+        config = self.model_path / "config.json"
+        deadline = time.monotonic() + self.model_wait_timeout
+        while not config.is_file():
+            if time.monotonic() >= deadline:
+                raise FileNotFoundError(f"{config} not found (waited {self.model_wait_timeout:g}s)")
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------------ in-flight accounting
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count one HTTP generation from admission until its response is fully sent."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def drain(self, grace_period: float) -> None:
+        """Stop admitting, wait up to `grace_period` s for in-flight requests, then stop the engine."""
+        self.draining = True
+        self.ready = False
+        logger.info("draining: %d request(s) in flight, grace period %.1fs", self.inflight, grace_period)
+        started = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_period)
+        remaining = max(0.0, grace_period - (time.monotonic() - started))
+        if self.loaded is not None:
+            # aborts whatever is still running when the grace period is over
+            await self.loaded.engine.shutdown(timeout=remaining if self.inflight else 0.0)
+        # let aborted responses flush their final bytes before uvicorn closes connections
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=1.0)
+        logger.info("drained in %.1fs (%d request(s) cut short)", time.monotonic() - started, self.inflight)
+
+
+def _config_max_len(model_path: Path) -> int | None:
+    """`max_sequence_length` (LLaDA) or `max_position_embeddings` (Dream) from config.json."""
+    try:
+        cfg = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_sequence_length", "max_position_embeddings"):
+        value = cfg.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
