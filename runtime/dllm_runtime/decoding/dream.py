@@ -1,0 +1,270 @@
+"""Dream `diffusion_generate` (Dream-org/Dream-v0-Instruct-7B `generation_utils.py`) as a policy.
+
+One forward per step over the full canvas; the raw logits are shifted right by one (position p is
+predicted from the hidden state at p-1, Dream's AR initialisation) and then one of four rules picks
+which masked slots to commit (ALGORITHMS.md §1.3):
+
+* `origin`       - every masked slot flips a float32 coin with probability `1 - s/t` and, if it
+                   comes up, is sampled; the last step commits everything.
+* `maskgit_plus` - confidence = probability of the chosen token,
+* `topk_margin`  - confidence = top-1 minus top-2 probability,
+* `entropy`      - confidence = negative entropy;
+  for the last three the `n = int(m * (1 - s/t))` most confident slots are committed (or sampled
+  from `softmax(conf / alg_temp)` when `alg_temp > 0`).
+
+Exactness notes (what the golden vectors check):
+* The timestep schedule `linspace(1, eps, steps + 1)` and the transfer count are float32, like the
+  reference; with `steps == gen_length` the first step commits nothing.
+* `m` in the reference is the *batch mean* of masked slots (`mask.sum() / B`). The step loop batches
+  B independent sequences, each with its own policy, so here `m` is the per-sequence count. The two
+  agree whenever the reference's rows hold equal mask counts, which is always the case for its
+  equal-length generation regions (golden `dream_entropy_batch2_leftpad_t0`); with unequal counts the
+  reference would overwrite committed tokens with MASK, which no per-request server should copy.
+* Every random draw goes through `seq.rng` in the reference's order: `origin` draws one float32
+  `rand(#masked)` then samples the selected rows; the other algorithms at T > 0 sample every masked
+  row (one `Categorical.sample` = one `multinomial(p, 1, True)`), then `alg_temp > 0` draws one
+  `multinomial(softmax(conf / alg_temp), n)`. `Categorical` normalises `p` before sampling, so do we.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, RandomSource, Sequence
+from dllm_runtime.decoding.params import DREAM_ALGS, DecodingParams
+from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
+from dllm_runtime.models.base import DiffusionModel, SpecialIds
+
+PositionFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """The reference's generation-config fields that shape decoding (defaults as in Dream's config)."""
+
+    steps: int
+    alg: str = "origin"
+    temperature: float = 0.0
+    top_p: float | None = None
+    #: None or 0 = no top-k filter (0 follows vLLM's "disabled" convention)
+    top_k: int | None = None
+    alg_temp: float | None = None
+    eps: float = 1e-3
+
+    def validate(self) -> DreamSettings:
+        """Raise `ValueError("<field>: ...")` for settings the reference would reject or misuse."""
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps: must be an integer >= 1, got {self.steps!r}")
+        if self.alg not in DREAM_ALGS:
+            raise ValueError(f"alg: must be one of {DREAM_ALGS}, got {self.alg!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0, got {self.top_k!r}")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise ValueError(f"alg_temp: must be >= 0, got {self.alg_temp!r}")
+        if not 0 <= self.eps < 1:
+            raise ValueError(f"eps: must be in [0, 1), got {self.eps!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def shift_right(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's right shift: position p gets the logits of p-1, position 0 keeps its own."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def canvas_positions(seq: Sequence, position_ids: PositionFn) -> torch.Tensor:
+    """RoPE positions of the whole canvas from the model's rule (Dream skips left pads)."""
+    valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
+    return position_ids(valid)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: drop tokens whose cumulative probability (sorted desc) exceeds `top_p`.
+
+    The drop flags are shifted right by one so the most likely token always survives; dropped
+    entries get `finfo.min` (not -inf, as in the reference, so a row can never become all -inf).
+    """
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    drop_sorted = cumulative > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` largest logits (ties with the k-th are kept), the rest get `finfo.min`."""
+    k = min(top_k, logits.size(-1))
+    kth = torch.topk(logits, k)[0][..., -1, None]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    rng: RandomSource,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    margin_confidence: bool = False,
+    neg_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(confidence, token)` per row of `logits` `(N, V)`, as Dream's `sample_tokens`.
+
+    At T > 0 the token is one categorical draw per row (through `rng`); the reference falls back to
+    argmax when `Categorical` rejects its input, which for finite logits only happens on non-finite
+    probabilities, so that is the fallback kept here.
+    """
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0 and bool(torch.isfinite(probs).all()):
+        tokens = rng.categorical(probs / probs.sum(-1, keepdim=True))
+        confidence = torch.gather(probs, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence, tokens = probs.max(dim=-1)
+    if margin_confidence:
+        top2 = torch.sort(probs, dim=-1, descending=True)[0]
+        confidence = top2[:, 0] - top2[:, 1]
+    if neg_entropy:
+        confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return confidence, tokens
+
+
+# ------------------------------------------------------------------------------------------ policy
+class DreamPolicy(DecodingPolicy):
+    """Dream's `diffusion_generate` loop, one step per `plan`/`commit` pair."""
+
+    name = "dream"
+
+    def __init__(self, settings: DreamSettings, position_ids: PositionFn, shift_logits: bool = True) -> None:
+        self.settings = settings.validate()
+        self.position_ids = position_ids
+        self.shift_logits = shift_logits
+
+    def init(self, seq: Sequence) -> None:
+        if seq.gen_length < 1:
+            raise ValueError("max_tokens: Dream needs at least one generation slot")
+        seq.state["step"] = 0
+        seq.state["positions"] = canvas_positions(seq, self.position_ids)
+        # float32 like the reference (`torch.linspace` default dtype), on the canvas's device
+        seq.state["timesteps"] = torch.linspace(
+            1, self.settings.eps, self.settings.steps + 1, dtype=torch.float32, device=seq.canvas.device
+        )
+        seq.state["unmasked_per_step"] = []
+
+    def plan(self, seq: Sequence) -> ForwardSpec | None:
+        if seq.state["step"] >= self.settings.steps:
+            return None
+        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid)
+
+    def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        cfg = self.settings
+        i = seq.state["step"]
+        x = seq.canvas
+        mask_id = seq.special.mask
+        if self.shift_logits:
+            logits = shift_right(logits)
+        masked = x == mask_id
+        before = int(masked.sum())
+        mask_logits = logits[masked]
+        t, s = seq.state["timesteps"][i], seq.state["timesteps"][i + 1]
+        last = i == cfg.steps - 1
+
+        if cfg.alg == "origin":
+            p_transfer = 1 - s / t if not last else 1
+            coins = seq.rng.rand((mask_logits.shape[0],), torch.float32, x.device)
+            chosen = coins < p_transfer
+            y = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
+            _, y[chosen] = sample_tokens(mask_logits[chosen], seq.rng, cfg.temperature, cfg.top_p, cfg.top_k)
+            x[masked] = y
+        else:
+            confidence, y = sample_tokens(
+                mask_logits,
+                seq.rng,
+                cfg.temperature,
+                cfg.top_p,
+                cfg.top_k,
+                margin_confidence=cfg.alg == "topk_margin",
+                neg_entropy=cfg.alg == "entropy",
+            )
+            m = masked.sum() / masked.shape[0]  # float32, as the reference (per sequence: see module doc)
+            n = int(m) if last else int(m * (1 - s / t))
+            if n > 0:
+                full = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
+                full[masked] = confidence
+                if not cfg.alg_temp:
+                    idx = torch.topk(full, n).indices
+                else:
+                    idx = seq.rng.multinomial(F.softmax(full / cfg.alg_temp, dim=-1), n)
+                proposal = torch.full_like(x, mask_id)
+                proposal[masked] = y
+                x[0, idx[0]] = proposal[0, idx[0]]
+
+        seq.state["unmasked_per_step"].append(before - int((x == mask_id).sum()))
+        seq.state["step"] = i + 1
+
+
+# ---------------------------------------------------------------------------------- registration
+def dream_position_ids(valid: torch.Tensor) -> torch.Tensor:
+    """Dream's RoPE positions without a model at hand (conformance): pads skipped, pads -> 1."""
+    pos = valid.long().cumsum(-1) - 1
+    return pos.masked_fill(~valid.bool(), 1)
+
+
+def settings_from_params(params: DecodingParams) -> DreamSettings:
+    return DreamSettings(
+        steps=params.resolved_steps(),
+        alg=params.alg,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        alg_temp=params.alg_temp,
+        eps=params.eps,
+    )
+
+
+def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
+    """Serving: Dream's samplers on any model; the shift follows the model (Dream: right shift)."""
+    return DreamPolicy(settings_from_params(params), model.position_ids, shift_logits=model.shift_logits)
+
+
+#: keyword arguments of `diffusion_generate` that shape decoding; anything else is rejected so a
+#: golden case can never pass while silently ignoring one of its settings
+_REFERENCE_KWARGS = {"max_new_tokens", "steps", "alg", "temperature", "top_p", "top_k", "alg_temp", "eps"}
+
+
+def _policy_from_reference(kwargs: dict[str, Any], special: SpecialIds) -> ReferenceDecoder:
+    unknown = sorted(set(kwargs) - _REFERENCE_KWARGS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: diffusion_generate argument not supported by DreamPolicy")
+    if kwargs.get("max_new_tokens") is None:
+        raise ValueError("max_new_tokens: required (the max_length default of 20 is not supported)")
+    settings = DreamSettings(
+        steps=int(kwargs.get("steps", 512)),
+        alg=kwargs.get("alg", "origin"),
+        temperature=float(kwargs.get("temperature") or 0.0),
+        top_p=kwargs.get("top_p"),
+        top_k=kwargs.get("top_k"),
+        alg_temp=kwargs.get("alg_temp"),
+        eps=float(kwargs.get("eps", 1e-3)),
+    )
+    policy = DreamPolicy(settings, dream_position_ids, shift_logits=True)
+    return ReferenceDecoder(policy=policy, gen_length=int(kwargs["max_new_tokens"]), special=special)
+
+
+register_algorithm("dream", _policy_from_params)
+register_reference("Dream-v0-Instruct-7B generation_utils.py::diffusion_generate", _policy_from_reference)

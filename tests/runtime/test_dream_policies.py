@@ -1,0 +1,124 @@
+"""Dream `diffusion_generate` policy against the golden vectors (tests/golden/dream_golden.json).
+
+Every case runs through the real step loop twice: with the recorded per-forward logits (decoder in
+isolation: same forward inputs, same output, same NFE, same per-step transfer counts) and with the
+real tiny Dream model (end to end). Sampling cases reproduce the reference's draws by seeding the
+sequence's `RandomSource` with `seed_before_call`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dllm_runtime.decoding.base import RandomSource, Sequence
+from dllm_runtime.decoding.dream import DreamPolicy, DreamSettings, dream_position_ids, sample_tokens
+from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.registry import build_policy
+from dllm_runtime.engine.step import run_to_completion
+from tests.runtime.golden_replay import (
+    TINY_SPECIAL,
+    ReplayModel,
+    golden_cases,
+    golden_tensors,
+    output_of,
+    run_case,
+    tiny_model,
+)
+
+CASES = sorted(golden_cases("dream"))
+
+
+def test_golden_set_is_complete() -> None:
+    assert len(CASES) == 10
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_replayed_logits_reproduce_reference(name: str) -> None:
+    case = golden_cases("dream")[name]
+    model = ReplayModel(case, golden_tensors("dream"), shift=True)
+    seqs, _ = run_case(case, model)
+    assert model.calls == len(case["trace"]) == case["nfe"]
+    assert output_of(seqs) == case["output"]
+    assert all(seq.nfe == case["nfe"] for seq in seqs)
+    per_step = [list(row) for row in zip(*(seq.state["unmasked_per_step"] for seq in seqs))]
+    assert per_step == case["tokens_unmasked_per_step"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tiny_model_end_to_end(name: str) -> None:
+    case = golden_cases("dream")[name]
+    seqs, _ = run_case(case, tiny_model("dream_tiny"))
+    assert output_of(seqs) == case["output"]
+    assert all(seq.nfe == case["nfe"] for seq in seqs)
+
+
+def test_position_rule_matches_model() -> None:
+    valid = torch.tensor([[False, False, True, True, True], [True] * 5])
+    assert torch.equal(dream_position_ids(valid), tiny_model("dream_tiny").position_ids(valid))
+    assert dream_position_ids(valid)[0].tolist() == [1, 1, 0, 1, 2]
+
+
+def test_schedule_counts_are_float32() -> None:
+    """32 slots over 16 steps commit [1, 2 x 14, 3] (ALGORITHMS.md §1.3); the golden cases pin it."""
+    case = golden_cases("dream")["dream_entropy_t0"]
+    seqs, _ = run_case(case, ReplayModel(case, golden_tensors("dream"), shift=True))
+    assert seqs[0].state["unmasked_per_step"] == [1] + [2] * 14 + [3]
+
+
+def test_batch_independence_of_seeded_sampling() -> None:
+    """A sampled request gives the same tokens alone and next to another request (per-request RNG)."""
+    model = tiny_model("dream_tiny")
+    settings = DreamSettings(steps=8, alg="entropy", temperature=0.7, top_p=0.9)
+    policy = DreamPolicy(settings, model.position_ids)
+
+    def seq(prompt: list[int], seed: int) -> Sequence:
+        canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * 16])
+        return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
+
+    alone = seq([248, 17, 99, 3], 5)
+    run_to_completion(model, [(alone, policy)])
+    a, b = seq([248, 17, 99, 3], 5), seq([248, 40, 41, 42], 6)
+    run_to_completion(model, [(a, policy), (b, policy)])
+    assert torch.equal(alone.canvas, a.canvas)
+    assert not (a.canvas == TINY_SPECIAL.mask).any()
+
+
+def test_build_policy_from_params_serves_dream() -> None:
+    model = tiny_model("dream_tiny")
+    params = DecodingParams(algorithm="dream", max_tokens=16, steps=8, alg="maskgit_plus", threshold=None)
+    policy = build_policy(params, model)
+    assert isinstance(policy, DreamPolicy) and policy.shift_logits
+    canvas = torch.tensor([[248, 17, 99, 3] + [TINY_SPECIAL.mask] * params.generation_slots()])
+    s = Sequence(canvas=canvas, prompt_len=4, special=TINY_SPECIAL, rng=RandomSource(0))
+    run_to_completion(model, [(s, policy)])
+    assert s.nfe == 8 and not (s.canvas == TINY_SPECIAL.mask).any()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"alg": "greedy"}, "alg"), ({"steps": 0}, "steps"), ({"top_p": 1.5}, "top_p"), ({"eps": 1.0}, "eps")],
+)
+def test_invalid_settings_name_the_field(changes: dict, field: str) -> None:
+    base = {"steps": 4}
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        DreamSettings(**{**base, **changes}).validate()
+
+
+def test_unknown_reference_argument_is_rejected() -> None:
+    from dllm_runtime.decoding.registry import policy_from_reference
+
+    case = golden_cases("dream")["dream_entropy_t0"]
+    with pytest.raises(ValueError, match="^output_history:"):
+        policy_from_reference(case["reference"], {**case["kwargs"], "output_history": True}, TINY_SPECIAL)
+
+
+def test_top_k_and_top_p_restrict_sampling() -> None:
+    """With top_k=1 (or a tiny top_p) sampling at any temperature returns the argmax."""
+    logits = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    rng = RandomSource(3)
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        _, tokens = sample_tokens(logits, rng, temperature=2.0, **kwargs)
+        assert torch.equal(tokens, logits.argmax(-1))
+    _, sampled = sample_tokens(logits, rng, temperature=2.0)
+    assert not torch.equal(sampled, logits.argmax(-1))
