@@ -1,0 +1,184 @@
+"""Fast-dLLM v1 for LLaDA (`NVlabs/Fast-dLLM: v1/llada/generate.py`, a9b81e4; ALGORITHMS.md §1.2).
+
+Three reference functions, one policy:
+
+* `generate` (`cache="none"`): a full forward per step; a block ends as soon as it has no mask.
+* `generate_with_prefix_cache` (`cache="prefix"`): per block one full forward that stores the KV
+  cache, then forwards of the suffix `x[s:]` only, attending to the frozen prefix keys `kv[:s]`.
+  At T > 0 each cached step makes one extra, discarded Gumbel draw (an upstream quirk the RNG
+  stream depends on).
+* `generate_with_dual_cache` (`cache="dual"`): per block one full forward, then forwards of the block
+  `x[s:e]` only, attending to the frozen prefix and suffix keys; at most `steps_per_block - 1`
+  cached steps, so a threshold run with few steps can leave masks that the next block's first step
+  may fill (and the last block's stay masked, as upstream).
+
+Per step the transfer rule is a fixed quota, a confidence `threshold` or the `factor` rule
+(`factor` wins when both are set, as upstream). Softmax in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
+from dllm_runtime.decoding.llada import PositionFn, arange_positions, check_blocks, reference_kwargs, require_unshifted
+from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.primitives import gumbel, quota, transfer_factor, transfer_fixed_or_threshold
+from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
+from dllm_runtime.models.base import DiffusionModel, SpecialIds
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class FastDLLMConfig:
+    steps: int
+    block_length: int
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+
+
+class FastDLLMPolicy(DecodingPolicy):
+    """Fast-dLLM block decoding with optional prefix/dual KV cache; state lives in `seq.state`."""
+
+    name = "fast_dllm"
+
+    def __init__(self, config: FastDLLMConfig, position_ids: PositionFn | None = None) -> None:
+        if config.cache not in CACHE_MODES:
+            raise ValueError(f"cache: must be one of {CACHE_MODES}, got {config.cache!r}")
+        if config.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking: unknown mode {config.remasking!r}")
+        self.config = config
+        self.position_ids = position_ids or arange_positions
+
+    # ------------------------------------------------------------------ plan
+    def init(self, seq: Sequence) -> None:
+        nb, spb = check_blocks(seq.gen_length, self.config.block_length, self.config.steps)
+        valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
+        seq.state.update(
+            num_blocks=nb, steps_per_block=spb, block=0, step=0, quota=[], positions=self.position_ids(valid)
+        )
+
+    def plan(self, seq: Sequence) -> ForwardSpec | None:
+        st = seq.state
+        if st["block"] >= st["num_blocks"]:
+            return None
+        s, e = self._block_span(seq)
+        if st["step"] == 0:
+            st["quota"] = quota(int((seq.canvas[0, s:e] == seq.special.mask).sum()), st["steps_per_block"])
+            # with a cache, the block's first forward sees the whole canvas and (re)builds the cache
+            return self._window(seq, 0, seq.length, store=self.config.cache != "none")
+        if self.config.cache == "prefix":
+            return self._window(seq, s, seq.length, use=True)
+        if self.config.cache == "dual":
+            return self._window(seq, s, e, use=True)
+        return self._window(seq, 0, seq.length)
+
+    @staticmethod
+    def _window(seq: Sequence, lo: int, hi: int, store: bool = False, use: bool = False) -> ForwardSpec:
+        valid = None if seq.valid is None else seq.valid[:, lo:hi]
+        return ForwardSpec(
+            input_ids=seq.canvas[:, lo:hi],
+            positions=seq.state["positions"][:, lo:hi],
+            valid=valid,
+            offset=lo,
+            use_cache=use,
+            store_cache=store,
+        )
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        st, cfg = seq.state, self.config
+        s, e = self._block_span(seq)
+        step = st["step"]
+        if step == 0 or cfg.cache == "none":
+            lo, hi = 0, seq.length  # full canvas; earlier leftover masks stay eligible
+        elif cfg.cache == "prefix":
+            lo, hi = s, seq.length
+            gumbel(logits, cfg.temperature, seq.rng)  # upstream's discarded draw (T > 0 only)
+        else:
+            lo, hi = s, e
+        window = seq.canvas[:, lo:hi]
+        mask = window == seq.special.mask
+        mask[:, e - lo :] = False
+        x0, transfer = self._transfer(seq, logits, mask, window, step)
+        window[transfer] = x0[transfer]  # a view: writes into seq.canvas
+        st["step"] = step + 1
+        block_done = not bool((seq.canvas[0, s:e] == seq.special.mask).any())
+        out_of_steps = cfg.cache == "dual" and st["step"] >= st["steps_per_block"]
+        if block_done or out_of_steps:
+            st["block"] += 1
+            st["step"] = 0
+
+    def _transfer(
+        self, seq: Sequence, logits: torch.Tensor, mask: torch.Tensor, window: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.factor is not None:
+            return transfer_factor(logits, cfg.temperature, cfg.remasking, mask, window, cfg.factor, seq.rng)
+        k = None
+        if cfg.threshold is None:
+            budget = seq.state["quota"]
+            # the quota always completes a block within steps_per_block steps; past that (never
+            # reached by the reference) take every remaining mask so the loop cannot stall
+            k = [budget[step]] if step < len(budget) else [int(mask.sum())]
+        return transfer_fixed_or_threshold(logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng)
+
+    def _block_span(self, seq: Sequence) -> tuple[int, int]:
+        s = seq.prompt_len + seq.state["block"] * self.config.block_length
+        return s, s + self.config.block_length
+
+
+# ---------------------------------------------------------------------------- registry entries
+def from_params(params: DecodingParams, model: DiffusionModel) -> FastDLLMPolicy:
+    """Serving: `algorithm="fast_dllm"` on a LLaDA-architecture model."""
+    require_unshifted(model, "fast_dllm")
+    factor = params.factor
+    config = FastDLLMConfig(
+        steps=params.resolved_steps(),
+        block_length=params.effective_block_length(),
+        temperature=float(params.temperature),
+        remasking=params.remasking,
+        threshold=None if factor is not None else params.threshold,
+        factor=factor,
+        cache=params.cache,
+    )
+    return FastDLLMPolicy(config, model.position_ids)
+
+
+_FAST_DEFAULTS: dict[str, Any] = dict(
+    steps=128, gen_length=128, block_length=128, temperature=0.0, remasking="low_confidence",
+    threshold=None, factor=None,
+)  # fmt: skip
+
+
+def _reference_factory(cache: str):
+    def build(kwargs: dict[str, Any], special: SpecialIds) -> ReferenceDecoder:
+        args, special = reference_kwargs(kwargs, _FAST_DEFAULTS, special)
+        config = FastDLLMConfig(
+            steps=int(args["steps"]),
+            block_length=int(args["block_length"]),
+            temperature=float(args["temperature"]),
+            remasking=args["remasking"],
+            threshold=None if args["threshold"] is None else float(args["threshold"]),
+            factor=None if args["factor"] is None else float(args["factor"]),
+            cache=cache,
+        )
+        return ReferenceDecoder(FastDLLMPolicy(config), int(args["gen_length"]), special)
+
+    return build
+
+
+register_algorithm("fast_dllm", from_params)
+for _function, _cache in (
+    ("generate", "none"),
+    ("generate_with_prefix_cache", "prefix"),
+    ("generate_with_dual_cache", "dual"),
+):
+    register_reference(f"NVlabs/Fast-dLLM v1/llada/generate.py::{_function}", _reference_factory(_cache))

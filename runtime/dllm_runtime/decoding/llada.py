@@ -1,0 +1,198 @@
+"""LLaDA reference sampler (`ML-GSAI/LLaDA: generate.py::generate`, b7e6c35; ALGORITHMS.md §1.1).
+
+Semi-autoregressive blocks; in each block the masked slots get a fixed per-step quota and the most
+confident predictions (or random ones) are committed. Always `steps` forwards (NFE = steps): no early
+break, EOS is an ordinary token. Optional classifier-free guidance runs a second, unconditional row
+(prompt masked) in the same forward, and the two EOS/EoT flags of the reference are supported with
+the ids taken from the model's special ids instead of LLaDA-8B literals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
+from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.primitives import gather_prob, gumbel, quota, topk_rows
+from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
+from dllm_runtime.models.base import DiffusionModel, SpecialIds
+
+PositionFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def arange_positions(valid: torch.Tensor) -> torch.Tensor:
+    """LLaDA RoPE positions: 0..L-1 even under left padding (pads keep their positions)."""
+    rows, length = valid.shape
+    return torch.arange(length, device=valid.device).unsqueeze(0).expand(rows, length)
+
+
+@dataclass(frozen=True)
+class LLaDAConfig:
+    steps: int
+    block_length: int
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+
+
+def check_blocks(gen_length: int, block_length: int, steps: int) -> tuple[int, int]:
+    """The semi-AR schedule's divisibility rules; returns `(num_blocks, steps_per_block)`."""
+    if block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"block_length: {block_length} must divide the generation length {gen_length}")
+    nb = gen_length // block_length
+    if steps <= 0 or steps % nb:
+        raise ValueError(f"steps: {steps} must be a positive multiple of the number of blocks {nb}")
+    return nb, steps // nb
+
+
+class LLaDAPolicy(DecodingPolicy):
+    """The LLaDA `generate` loop as a plan/commit policy; state lives in `seq.state`."""
+
+    name = "llada"
+
+    def __init__(self, config: LLaDAConfig, position_ids: PositionFn | None = None) -> None:
+        if config.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking: unknown mode {config.remasking!r}")
+        self.config = config
+        self.position_ids = position_ids or arange_positions
+
+    def init(self, seq: Sequence) -> None:
+        nb, spb = check_blocks(seq.gen_length, self.config.block_length, self.config.steps)
+        valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
+        seq.state.update(
+            num_blocks=nb,
+            steps_per_block=spb,
+            block=0,
+            step=0,
+            quota=[],
+            # computed once, as upstream: left pads count as prompt (the CFG branch masks them too)
+            prompt_index=seq.canvas != seq.special.mask,
+            positions=self.position_ids(valid),
+        )
+
+    def plan(self, seq: Sequence) -> ForwardSpec | None:
+        st = seq.state
+        if st["block"] >= st["num_blocks"]:
+            return None
+        if st["step"] == 0:
+            lo, hi = self._block_span(seq)
+            n = int((seq.canvas[0, lo:hi] == seq.special.mask).sum())
+            st["quota"] = quota(n, st["steps_per_block"])
+        x, positions, valid = seq.canvas, st["positions"], seq.valid
+        if self.config.cfg_scale > 0:
+            unconditional = x.clone()
+            unconditional[st["prompt_index"]] = seq.special.mask
+            x = torch.cat([x, unconditional])
+            positions = torch.cat([positions, positions])
+            valid = None if valid is None else torch.cat([valid, valid])
+        return ForwardSpec(input_ids=x, positions=positions, valid=valid)
+
+    def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        cfg, st, special = self.config, seq.state, seq.special
+        if cfg.cfg_scale > 0:
+            cond, uncond = logits[0:1], logits[1:2]
+            logits = uncond + (cfg.cfg_scale + 1) * (cond - uncond)
+        elif cfg.logits_eos_inf or cfg.confidence_eos_eot_inf:
+            logits = logits.clone()  # edited in place below; never touch the forward's output
+        x = seq.canvas
+        mask_index = x == special.mask
+        _, hi = self._block_span(seq)
+        if cfg.logits_eos_inf:
+            logits[:, :, special.eos] = -torch.inf
+        noisy = gumbel(logits, cfg.temperature, seq.rng)
+        x0 = torch.argmax(noisy, dim=-1)
+        if cfg.confidence_eos_eot_inf:
+            # after the argmax, as upstream; at T == 0 `noisy` IS `logits`, so both ids lose confidence
+            noisy[:, :, special.eos] = -torch.inf
+            if special.eot is not None:
+                logits[:, :, special.eot] = -torch.inf
+        if cfg.remasking == "low_confidence":
+            x0_p = gather_prob(torch.softmax(logits, dim=-1), x0)  # softmax in the logits' dtype
+        else:
+            x0_p = seq.rng.rand(tuple(x0.shape), torch.float32, x0.device)
+        x0_p[:, hi:] = -torch.inf
+        x0 = torch.where(mask_index, x0, x)
+        confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, dtype=x0_p.dtype, device=x0_p.device))
+        transfer = topk_rows(confidence, [st["quota"][st["step"]]])
+        x[transfer] = x0[transfer]
+        st["step"] += 1
+        if st["step"] == st["steps_per_block"]:
+            st["step"] = 0
+            st["block"] += 1
+
+    def _block_span(self, seq: Sequence) -> tuple[int, int]:
+        lo = seq.prompt_len + seq.state["block"] * self.config.block_length
+        return lo, lo + self.config.block_length
+
+
+# ---------------------------------------------------------------------------- registry entries
+def from_params(params: DecodingParams, model: DiffusionModel) -> LLaDAPolicy:
+    """Serving: `algorithm="llada"` on a LLaDA-architecture model."""
+    require_unshifted(model, "llada")
+    config = LLaDAConfig(
+        steps=params.resolved_steps(),
+        block_length=params.effective_block_length(),
+        temperature=float(params.temperature),
+        cfg_scale=float(params.cfg_scale),
+        remasking=params.remasking,
+        logits_eos_inf=params.logits_eos_inf,
+        confidence_eos_eot_inf=params.confidence_eos_eot_inf,
+    )
+    return LLaDAPolicy(config, model.position_ids)
+
+
+def require_unshifted(model: DiffusionModel, algorithm: str) -> None:
+    if getattr(model, "shift_logits", False):
+        raise ValueError(
+            f"algorithm: {algorithm!r} decodes LLaDA-architecture models; this model "
+            f"({getattr(model, 'model_type', '?')}) predicts shifted logits, use algorithm='dream'"
+        )
+
+
+_LLADA_DEFAULTS: dict[str, Any] = dict(
+    steps=128, gen_length=128, block_length=128, temperature=0.0, cfg_scale=0.0,
+    remasking="low_confidence", logits_eos_inf=False, confidence_eos_eot_inf=False,
+)  # fmt: skip
+
+
+def reference_kwargs(kwargs: dict[str, Any], defaults: dict[str, Any], special: SpecialIds) -> tuple[dict[str, Any], SpecialIds]:
+    """Overlay a recorded call's kwargs on the upstream signature's defaults.
+
+    `attention_mask` is canvas layout (the conformance runner applies it), and upstream's literal
+    `mask_id` default is LLaDA-8B's mask id, which `special.mask` names for the model at hand.
+    Unknown arguments are an error so that a new upstream argument is never silently ignored.
+    """
+    args = dict(defaults)
+    extra = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "mask_id")}
+    unknown = sorted(set(extra) - set(defaults))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: argument not supported by this decoder (known: {sorted(defaults)})")
+    args.update(extra)
+    if "mask_id" in kwargs:
+        special = SpecialIds(
+            mask=int(kwargs["mask_id"]), eos=special.eos, pad=special.pad, eot=special.eot, bos=special.bos
+        )
+    return args, special
+
+
+def from_reference(kwargs: dict[str, Any], special: SpecialIds) -> ReferenceDecoder:
+    args, special = reference_kwargs(kwargs, _LLADA_DEFAULTS, special)
+    config = LLaDAConfig(
+        steps=int(args["steps"]),
+        block_length=int(args["block_length"]),
+        temperature=float(args["temperature"]),
+        cfg_scale=float(args["cfg_scale"]),
+        remasking=args["remasking"],
+        logits_eos_inf=bool(args["logits_eos_inf"]),
+        confidence_eos_eot_inf=bool(args["confidence_eos_eot_inf"]),
+    )
+    return ReferenceDecoder(LLaDAPolicy(config), int(args["gen_length"]), special)
+
+
+register_algorithm("llada", from_params)
+register_reference("ML-GSAI/LLaDA generate.py::generate", from_reference)

@@ -1,0 +1,144 @@
+"""Building blocks shared by the LLaDA-family decoders (ALGORITHMS.md §0.1, §1.1, §1.2).
+
+Each function reproduces one reference helper *operation for operation* (same dtypes, same tensor
+shapes, same tie-breaking ops), because the golden cases are token-exact: a softmax in a different
+precision or a `topk` over a shorter row can change which of two equal confidences wins.
+Every random draw goes through the sequence's `RandomSource`, in the reference's call order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllm_runtime.decoding.base import RandomSource
+
+
+def gumbel(logits: torch.Tensor, temperature: float, rng: RandomSource) -> torch.Tensor:
+    """`add_gumbel_noise`: argmax of the result samples softmax(logits / T).
+
+    At T == 0 the *same* tensor is returned (no copy, no draw): later in-place edits of the
+    reference hit both, which `confidence_eos_eot_inf` relies on. Otherwise one float64 uniform
+    draw of the full logits shape.
+    """
+    if temperature == 0:
+        return logits
+    logits64 = logits.to(torch.float64)
+    noise = rng.rand(tuple(logits64.shape), torch.float64, logits64.device)
+    return logits64.exp() / (-torch.log(noise)) ** temperature
+
+
+def quota(num_masked: int, steps: int) -> list[int]:
+    """Per-step token budget: `num_masked` spread over `steps`, the FIRST `r` steps get one extra."""
+    if steps <= 0:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    base, rem = divmod(int(num_masked), steps)
+    return [base + (1 if s < rem else 0) for s in range(steps)]
+
+
+def gather_prob(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`probs[..., tokens]` -> `(B, L)`."""
+    return torch.gather(probs, dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """LLaDA's per-row selection: `topk(confidence[j], k_j)` over the FULL row -> bool `(B, L)`."""
+    transfer = torch.zeros_like(confidence, dtype=torch.bool)
+    for j, k in enumerate(counts):
+        if k > 0:
+            _, idx = torch.topk(confidence[j], k=int(k))
+            transfer[j, idx] = True
+    return transfer
+
+
+def fast_confidence(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    remasking: str,
+    rng: RandomSource,
+    random_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Fast-dLLM confidence: float64 softmax prob of `x0`, or U[0,1) `(B, L)` for random remasking."""
+    if remasking == "low_confidence":
+        return gather_prob(torch.softmax(logits.to(torch.float64), dim=-1), x0)
+    if remasking == "random":
+        return rng.rand(tuple(x0.shape), random_dtype, x0.device)
+    raise ValueError(f"remasking: unknown mode {remasking!r}")
+
+
+def transfer_fixed_or_threshold(
+    logits: torch.Tensor,
+    temperature: float,
+    remasking: str,
+    mask: torch.Tensor,
+    x: torch.Tensor,
+    k: list[int] | None,
+    threshold: float | None,
+    rng: RandomSource,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-dLLM `get_transfer_index` (vectorised form): returns `(x0, transfer)`, both `(B, L)`.
+
+    Threshold: every masked position with confidence >= threshold, plus each row's most confident
+    masked position. Fixed: the first `k[row]` positions of a descending sort of the full row.
+    """
+    x0 = torch.argmax(gumbel(logits, temperature, rng), dim=-1)
+    conf = fast_confidence(logits, x0, remasking, rng, torch.float64)
+    x0 = torch.where(mask, x0, x)
+    floor = torch.tensor(torch.finfo(conf.dtype).min, dtype=conf.dtype, device=conf.device)
+    conf = torch.where(mask, conf, floor)
+    if threshold is not None:
+        transfer = mask & (conf >= threshold)
+        best = torch.zeros_like(transfer).scatter_(1, torch.argmax(conf, dim=1, keepdim=True), True)
+        return x0, (transfer | best) & mask
+    if k is None:
+        raise ValueError("a fixed-quota transfer needs per-row token counts")
+    _, order = torch.sort(conf, dim=1, descending=True)
+    rows, length = conf.shape
+    cols = torch.arange(length, device=conf.device).unsqueeze(0).expand(rows, length)
+    counts = torch.tensor(k, dtype=torch.long, device=conf.device).clamp(min=0).unsqueeze(1)
+    selected = torch.zeros(rows, length, dtype=torch.int8, device=conf.device)
+    selected = selected.scatter(1, order, (cols < counts).to(torch.int8))
+    return x0, selected.bool() & mask
+
+
+def factor_count(sorted_conf: torch.Tensor, factor: float) -> int:
+    """How many of `n` masked tokens the factor rule commits (ALGORITHMS.md §1.2 `transfer_factor`).
+
+    The longest prefix with `s_i >= 1 - factor/(i+2)` (rank 0 always passes); a first failure at the
+    last rank still takes all `n`, exactly as the reference's loop-index arithmetic does.
+    Comparisons are tensor-vs-Python-float, so they run in the confidences' dtype like upstream.
+    """
+    n = len(sorted_conf)
+    thresholds = [1 - factor / (i + 2) for i in range(n)]
+    thresholds[0] = -1.0
+    top = 0
+    for top in range(n):
+        if bool(sorted_conf[top] < thresholds[top]):
+            break
+    if top == 0 or top == n - 1:
+        top += 1
+    return top
+
+
+def transfer_factor(
+    logits: torch.Tensor,
+    temperature: float,
+    remasking: str,
+    mask: torch.Tensor,
+    x: torch.Tensor,
+    factor: float,
+    rng: RandomSource,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-dLLM `get_transfer_index_dynamic`: per row, `topk(conf, factor_count(...))`."""
+    x0 = torch.argmax(gumbel(logits, temperature, rng), dim=-1)
+    conf = fast_confidence(logits, x0, remasking, rng, torch.float32)
+    x0 = torch.where(mask, x0, x)
+    conf = torch.where(mask, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
+    counts = []
+    for j in range(conf.shape[0]):
+        n = int(mask[j].sum())
+        if n == 0:
+            counts.append(0)
+            continue
+        ranked = torch.sort(conf[j][mask[j]], dim=-1, descending=True)[0]
+        counts.append(factor_count(ranked, factor))
+    return x0, topk_rows(conf, counts)
