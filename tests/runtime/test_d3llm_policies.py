@@ -1,0 +1,192 @@
+"""d3LLM decoders against the golden vectors (tests/golden/d3llm_golden.json).
+
+Replayed logits (decoder in isolation) and the real tiny LLaDA / Dream models (end to end) through
+the real step loop; plus the cross-check built into the set (multi-block with
+`block_add_threshold = decoded_token_threshold = 1.0` == block-wise `generate`) and the early-stop
+rules on hand-made logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dllm_runtime.decoding.base import RandomSource, Sequence
+from dllm_runtime.decoding.d3llm import (
+    D3LLMBlockwisePolicy,
+    D3LLMMultiBlockPolicy,
+    D3LLMSettings,
+    entropy_f64,
+    llada_position_ids,
+)
+from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.registry import build_policy
+from dllm_runtime.engine.step import run_to_completion
+from dllm_runtime.models.base import DiffusionModel
+from tests.runtime.golden_replay import (
+    TINY_SPECIAL,
+    ReplayModel,
+    golden_cases,
+    golden_tensors,
+    output_of,
+    run_case,
+    tiny_model,
+)
+
+CASES = sorted(golden_cases("d3llm"))
+MASK, EOS = TINY_SPECIAL.mask, TINY_SPECIAL.eos
+
+
+def test_golden_set_is_complete() -> None:
+    assert len(CASES) == 7
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_replayed_logits_reproduce_reference(name: str) -> None:
+    case = golden_cases("d3llm")[name]
+    model = ReplayModel(case, golden_tensors("d3llm"), shift=case["model"] == "dream_tiny")
+    seqs, _ = run_case(case, model)
+    assert model.calls == len(case["trace"])
+    assert output_of(seqs) == case["output"]
+    (seq,) = seqs
+    assert seq.nfe == len(case["trace"])
+    # the reference's counter also counts a final iteration that stops in the early-stop check
+    assert seq.state.get("reference_nfe", seq.nfe) == case["nfe"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tiny_model_end_to_end(name: str) -> None:
+    case = golden_cases("d3llm")[name]
+    seqs, _ = run_case(case, tiny_model(case["model"]))
+    assert output_of(seqs) == case["output"]
+    assert seqs[0].state.get("reference_nfe", seqs[0].nfe) == case["nfe"]
+
+
+def test_sequential_multi_block_equals_blockwise() -> None:
+    cases = golden_cases("d3llm")
+    seq_mb, _ = run_case(cases["d3llm_llada_multiblock_sequential_ent0.5_t0"], tiny_model("llada_tiny"))
+    seq_bw, _ = run_case(cases["d3llm_llada_blockwise_entropy0.5_t0"], tiny_model("llada_tiny"))
+    assert output_of(seq_mb) == output_of(seq_bw)
+    assert seq_mb[0].nfe == seq_bw[0].nfe == 15
+
+
+def test_early_stop_without_eos_changes_nothing() -> None:
+    cases = golden_cases("d3llm")
+    assert cases["d3llm_llada_multiblock_ent0.5_earlystop_t0"]["output"] == cases["d3llm_llada_multiblock_ent0.5_t0"]["output"]
+
+
+# ------------------------------------------------------------------ scripted logits (rules in isolation)
+class ScriptedModel(DiffusionModel):
+    """Logits from a function of the canvas: lets a test decide what each forward 'predicts'."""
+
+    def __init__(self, fn, vocab: int = 256) -> None:
+        torch.nn.Module.__init__(self)
+        self.fn = fn
+        self.special_ids = TINY_SPECIAL
+        self.shift_logits = False
+        self.num_layers = 1
+        self.vocab_size = vocab
+        self.forwards = 0
+
+    def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
+        return llada_position_ids(valid)
+
+    def forward(self, input_ids, positions, attention=None):  # type: ignore[override]
+        self.forwards += 1
+        return self.fn(input_ids)
+
+
+def _peaked(ids: torch.Tensor, tokens: dict[int, int], vocab: int = 256) -> torch.Tensor:
+    """Confident (near-zero entropy) predictions at `tokens` positions, flat logits elsewhere."""
+    logits = torch.zeros(ids.shape[0], ids.shape[1], vocab)
+    for pos, tok in tokens.items():
+        logits[:, pos, tok] = 40.0
+    return logits
+
+
+def _seq(prompt_len: int, gen: int) -> Sequence:
+    canvas = torch.tensor([[248] + [7] * (prompt_len - 1) + [MASK] * gen])
+    return Sequence(canvas=canvas, prompt_len=prompt_len, special=TINY_SPECIAL, rng=RandomSource(0))
+
+
+def test_early_stop_fills_after_first_eos_and_stops() -> None:
+    """An EOS decoded in the first forward: the next iteration fills the tail and ends without a forward."""
+    p, gen = 4, 16
+    model = ScriptedModel(lambda ids: _peaked(ids, {p: 20, p + 1: EOS}))
+    settings = D3LLMSettings(threshold=0.5, block_length=8, early_stop=True)
+    policy = D3LLMMultiBlockPolicy(settings, "llada", llada_position_ids)
+    seq = _seq(p, gen)
+    run_to_completion(model, [(seq, policy)])
+    assert seq.canvas[0, p:].tolist() == [20] + [EOS] * (gen - 1)
+    assert model.forwards == seq.nfe == 1
+    assert seq.state["reference_nfe"] == 2
+
+
+def test_without_early_stop_the_tail_is_decoded() -> None:
+    p, gen = 4, 16
+    model = ScriptedModel(lambda ids: _peaked(ids, {p: 20, p + 1: EOS}))
+    settings = D3LLMSettings(threshold=0.5, block_length=8, early_stop=False)
+    policy = D3LLMMultiBlockPolicy(settings, "llada", llada_position_ids)
+    seq = _seq(p, gen)
+    run_to_completion(model, [(seq, policy)])
+    assert not (seq.canvas == MASK).any()
+    assert seq.nfe > 1  # flat logits elsewhere: one forced token per forward
+
+
+def test_forced_progress_commits_one_token_when_nothing_passes() -> None:
+    """Flat logits (entropy ln V > threshold): LLaDA rank 0 / Dream forced progress, one token per forward."""
+    p, gen = 4, 8
+    for variant in ("llada", "dream"):
+        model = ScriptedModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], 256))
+        model.shift_logits = variant == "dream"
+        policy = D3LLMMultiBlockPolicy(D3LLMSettings(threshold=0.5, block_length=8), variant, llada_position_ids)
+        seq = _seq(p, gen)
+        run_to_completion(model, [(seq, policy)])
+        assert seq.nfe == gen and not (seq.canvas == MASK).any(), variant
+
+
+def test_threshold_comparison_llada_le_dream_lt() -> None:
+    """An entropy exactly at the threshold passes the LLaDA rule (<=) and fails the Dream rule (<)."""
+    p, gen = 2, 4
+    logits = torch.zeros(1, p + gen, 256)
+    logits[:, :, 5] = 8.0  # every slot equally confident: all entropies equal
+    probs = torch.softmax(logits[0, 0], -1)
+    at_threshold = {
+        "llada": float(entropy_f64(logits)[0, 0]),  # float64 softmax, +1e-12
+        "dream": float(-(probs * torch.log(probs + 1e-8)).sum()),  # logits' dtype, +1e-8
+    }
+    for variant, expected in (("llada", gen), ("dream", 1)):
+        settings = D3LLMSettings(threshold=at_threshold[variant], block_length=gen, steps=gen)
+        policy = D3LLMBlockwisePolicy(settings, variant, llada_position_ids)
+        seq = _seq(p, gen)
+        policy.init(seq)
+        policy.commit(seq, logits.clone())
+        assert int((seq.canvas[0, p:] != MASK).sum()) == expected, variant
+
+
+def test_build_policy_serves_both_variants() -> None:
+    for name, variant in (("llada_tiny", "llada"), ("dream_tiny", "dream")):
+        model = tiny_model(name)
+        params = DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8, threshold=0.5)
+        policy = build_policy(params, model)
+        assert isinstance(policy, D3LLMMultiBlockPolicy) and policy.variant == variant
+        seq = _seq(4, params.generation_slots())
+        run_to_completion(model, [(seq, policy)])
+        assert not (seq.canvas == MASK).any()
+        assert 1 <= seq.nfe <= 16
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"threshold": 0}, "threshold"), ({"block_add_threshold": 1.5}, "block_add_threshold"),
+     ({"remasking": "best"}, "remasking"), ({"block_length": 0}, "block_length")],
+)
+def test_invalid_settings_name_the_field(changes: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        D3LLMSettings(**changes).validate()
+
+
+def test_generation_length_must_split_into_blocks() -> None:
+    policy = D3LLMMultiBlockPolicy(D3LLMSettings(block_length=8), "llada", llada_position_ids)
+    with pytest.raises(ValueError, match="^block_length:"):
+        policy.init(_seq(4, 12))
