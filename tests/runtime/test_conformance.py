@@ -1,0 +1,221 @@
+"""The conformance runner against the golden vectors (tests/golden, ALGORITHMS.md §4).
+
+Every LLaDA / Fast-dLLM case must reproduce the unmodified reference token for token, end to end
+with the real tiny model (output canvas, NFE, every forward's input and cache window, per-forward
+logits), and also with the decoder driven by the stored logits (`LogitsReplayModel`: a test of the
+decoder logic in isolation, not of the model). The runner must also *fail* when a case is wrong,
+and `dllm-serve conformance` is exercised as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dllm_runtime.conformance import (
+    ConformanceOptions,
+    GoldenFile,
+    LogitsReplayModel,
+    RecordingModel,
+    ReplayRandomSource,
+    RowRandomSource,
+    _SharedDraws,
+    case_special_ids,
+    default_model_provider,
+    load_golden_dir,
+    replay_model_provider,
+    run_case,
+    run_directory,
+)
+from dllm_runtime.decoding.base import RandomSource
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+LLADA_FILE = GoldenFile(GOLDEN / "llada_golden.json", json.loads((GOLDEN / "llada_golden.json").read_text()))
+LLADA_CASES = {c["name"]: c for c in LLADA_FILE.cases}
+SAMPLING = [n for n, c in LLADA_CASES.items() if c.get("rng_draws")]
+WITH_LOGITS = [n for n, c in LLADA_CASES.items() if all("logits_key" in t for t in c["trace"])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The golden set was made with one thread; fp32 sums depend on the split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def provider():
+    return default_model_provider(ConformanceOptions())
+
+
+def test_golden_llada_set_is_complete() -> None:
+    assert len(LLADA_CASES) == 19
+    assert len(SAMPLING) == 4 and len(WITH_LOGITS) == 16
+
+
+@pytest.mark.parametrize("name", sorted(LLADA_CASES))
+def test_case_end_to_end_with_tiny_model(name: str, provider) -> None:
+    result = run_case(LLADA_FILE, LLADA_CASES[name], ConformanceOptions(), provider)
+    assert result.passed, result.line()
+    assert result.nfe == LLADA_CASES[name]["nfe"] == result.forwards
+    if name in WITH_LOGITS:
+        assert result.logits_max_diff is not None and result.logits_max_diff < 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(WITH_LOGITS))
+def test_case_decoder_in_isolation_with_stored_logits(name: str) -> None:
+    """Decoder logic alone: the i-th forward returns the reference's i-th logits."""
+    options = ConformanceOptions(decoder_only=True)
+    result = run_case(LLADA_FILE, LLADA_CASES[name], options, replay_model_provider)
+    assert result.passed, result.line()
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+def test_sampling_case_with_injected_draws(name: str, provider) -> None:
+    """The RNG seam: the stored draws, injected in call order, give the same tokens as seeding."""
+    result = run_case(LLADA_FILE, LLADA_CASES[name], ConformanceOptions(rng="replay"), provider)
+    assert result.passed, result.line()
+
+
+def test_wrong_seed_is_detected(provider) -> None:
+    case = dict(LLADA_CASES["llada_lowconf_semiar_temp1.5"], seed_before_call=1)
+    result = run_case(LLADA_FILE, case, ConformanceOptions(), provider)
+    assert not result.passed and "output differs" in result.line()
+
+
+def _tampered_dir(tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the LLaDA golden files with one case edited by `edit(case)`."""
+    for name in ("llada_tiny.safetensors", "llada_tiny_config.json", "llada_golden_tensors.safetensors"):
+        (tmp_path / name).symlink_to(GOLDEN / name)
+    doc = json.loads((GOLDEN / "llada_golden.json").read_text())
+    doc["cases"] = [c for c in doc["cases"] if c["name"] in ("fastdllm_prefixcache_threshold0.9_t0", "llada_cfg1.5_t0")]
+    for case in doc["cases"]:
+        edit(case)
+    (tmp_path / "llada_golden.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["output"][0].__setitem__(20, (c["output"][0][20] + 1) % 250), "output differs"),
+        (lambda c: c.__setitem__("nfe", c["nfe"] + 1), "nfe"),
+        (lambda c: c["trace"][1]["input_ids"][0].__setitem__(0, 7), "input_ids differ"),
+        (lambda c: c["trace"].append(dict(c["trace"][-1])), "forwards !="),
+    ],
+    ids=["output", "nfe", "forward-input", "forward-count"],
+)
+def test_runner_reports_mismatches(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    results = run_directory(_tampered_dir(tmp_path, edit), ConformanceOptions())
+    assert len(results) == 2
+    for result in results:
+        assert not result.passed and message in result.line(), result.line()
+
+
+def test_runner_checks_the_cache_window(tmp_path: Path) -> None:
+    """A prefix-cache trace claiming a different past length must fail the window check."""
+
+    def shift_past(case: dict[str, Any]) -> None:
+        for entry in case["trace"]:
+            if "past_len" in entry:
+                entry["past_len"] -= 1
+
+    results = {r.name: r for r in run_directory(_tampered_dir(tmp_path, shift_past), ConformanceOptions())}
+    assert "cached suffix forward" in results["fastdllm_prefixcache_threshold0.9_t0"].line()
+    assert results["llada_cfg1.5_t0"].passed  # no cache: untouched
+
+
+def test_recording_model_does_not_change_logits(provider) -> None:
+    special = case_special_ids(LLADA_CASES["llada_lowconf_semiar_t0"], LLADA_FILE)
+    model = provider(LLADA_FILE, LLADA_CASES["llada_lowconf_semiar_t0"], special)
+    ids = torch.tensor([LLADA_CASES["llada_lowconf_semiar_t0"]["output"][0]])
+    pos = torch.arange(ids.shape[1])[None]
+    recorder = RecordingModel(model)
+    with torch.inference_mode():
+        assert torch.equal(recorder(ids, pos), model(ids, pos))
+    assert torch.equal(recorder.records[0].rows[0], ids[0])
+    assert recorder.num_layers == model.num_layers  # attributes pass through
+
+
+def test_replay_random_source_checks_kind_shape_and_dtype() -> None:
+    tensors = {"a": torch.rand(1, 4, 3, dtype=torch.float64), "b": torch.tensor([[2]]), "c": torch.tensor([1])}
+    draws = [
+        {"fn": "rand_like", "shape": [1, 4, 3], "dtype": "float64", "key": "a"},
+        {"fn": "multinomial", "shape": [1, 1], "dtype": "int64", "key": "b"},
+        {"fn": "categorical_sample", "shape": [1], "dtype": "int64", "key": "c"},
+    ]
+    rng = ReplayRandomSource(draws, tensors)
+    with pytest.raises(RuntimeError, match="decoder drew"):
+        rng.rand((1, 4, 2), torch.float64, torch.device("cpu"))
+    rng = ReplayRandomSource(draws, tensors)
+    assert torch.equal(rng.rand((1, 4, 3), torch.float64, torch.device("cpu")), tensors["a"])
+    # Categorical.sample's internal multinomial is skipped, the sampled id returned
+    assert rng.categorical(torch.ones(1, 5)).tolist() == [1]
+    with pytest.raises(RuntimeError, match="reference made 3"):
+        rng.rand((1,), torch.float32, torch.device("cpu"))
+
+
+def test_row_random_sources_split_one_batched_draw() -> None:
+    shared = _SharedDraws(RandomSource(5), rows=2)
+    row0, row1 = RowRandomSource(shared, 0), RowRandomSource(shared, 1)
+    a1, b1 = row1.rand((1, 3), torch.float32, torch.device("cpu")), row0.rand((1, 3), torch.float32, torch.device("cpu"))
+    expected = torch.rand((2, 3), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat([b1, a1]), expected)
+
+
+def test_logits_replay_model_refuses_extra_forwards() -> None:
+    special = case_special_ids(LLADA_CASES["llada_lowconf_semiar_t0"], LLADA_FILE)
+    model = LogitsReplayModel([torch.zeros(1, 4, 8)], special)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="only 1"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_special_ids_fall_back_to_model_config(tmp_path: Path) -> None:
+    """d3LLM-style files carry no `special_ids`: the model config's `_golden_note` provides them."""
+    shutil.copy(GOLDEN / "llada_tiny_config.json", tmp_path / "m_config.json")
+    golden = GoldenFile(tmp_path / "x_golden.json", {"cases": []})
+    ids = case_special_ids({"model": "m"}, golden)
+    assert (ids.mask, ids.eos, ids.eot, ids.pad, ids.bos) == (250, 251, 252, 251, 248)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dllm_runtime.cli", "conformance", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_reports_bad_directory(tmp_path: Path) -> None:
+    proc = _cli(str(tmp_path))
+    assert proc.returncode == 2 and "no *_golden.json" in proc.stderr
+
+
+def test_cli_fails_on_a_wrong_case(tmp_path: Path) -> None:
+    directory = _tampered_dir(tmp_path, lambda c: c.__setitem__("nfe", 99))
+    proc = _cli(str(directory), "--case", "cfg")
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == "0 passed, 1 failed"
+
+
+def test_cli_whole_golden_directory() -> None:
+    """`dllm-serve conformance tests/golden`: every case of every family, one line each."""
+    proc = _cli(str(GOLDEN))
+    lines = proc.stdout.strip().splitlines()
+    total = sum(len(g.cases) for g in load_golden_dir(GOLDEN))
+    assert len(lines) == total + 1, proc.stdout + proc.stderr
+    assert lines[-1] == f"{total} passed, 0 failed", proc.stdout
+    assert proc.returncode == 0
+    for name in LLADA_CASES:
+        assert any(line.startswith(f"PASS {name} ") for line in lines), name
