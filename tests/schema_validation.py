@@ -36,6 +36,8 @@ import kubernetes.client
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# libyaml when available: the KServe InferenceService CRD alone is 2 MB of YAML.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 DEFAULT_CRD_DIRS = (ROOT / "tests" / "crds", ROOT / "manifests" / "crd")
 
 # apiVersion/kind pairs whose python class name is not simply <Version><Kind>.
@@ -117,7 +119,7 @@ class SchemaValidator:
     def __init__(self, crd_paths: Iterable[Path] = DEFAULT_CRD_DIRS):
         self._crds: dict[tuple[str, str], dict] = {}
         for path in _iter_yaml_files(crd_paths):
-            for doc in yaml.safe_load_all(path.read_text()):
+            for doc in yaml.load_all(path.read_text(), Loader=_LOADER):
                 if doc and doc.get("kind") == "CustomResourceDefinition":
                     self.add_crd(doc)
 

@@ -288,13 +288,14 @@ def _parse_resources(resources: Mapping[str, Any]) -> ResourcesSpec:
     gpus = int(resources.get("gpus", 1))
     if gpu_name in limits or gpu_name in requests:
         raise SpecError("resources.limits", f"set GPUs with resources.gpus, not as {gpu_name} requests/limits")
-    for key in set(requests) & set(limits):
+    for key in sorted(set(requests) & set(limits)):
         # Only comparable for plain numbers here; the API server rejects the rest at pod creation.
         try:
-            if float(requests[key]) > float(limits[key]):
-                raise SpecError(f"resources.requests.{key}", f"{requests[key]} exceeds the limit {limits[key]}")
+            over = float(requests[key]) > float(limits[key])
         except ValueError:
-            pass
+            over = False
+        if over:
+            raise SpecError(f"resources.requests.{key}", f"{requests[key]} exceeds the limit {limits[key]}")
     return ResourcesSpec(
         gpus=gpus,
         gpu_resource_name=gpu_name,
