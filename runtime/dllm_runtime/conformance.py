@@ -222,6 +222,23 @@ class ReplayRandomSource(RandomSource):
         return value.to(probs.device).reshape(probs.shape[:-1])
 
 
+class CpuStreamRandomSource(RandomSource):
+    """`torch.manual_seed(seed)` on CPU, draws moved to the model's device.
+
+    The golden references ran on CPU; a CUDA generator with the same seed gives a different stream,
+    so conformance on a GPU keeps the CPU stream and only moves the values.
+    """
+
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.rand(shape, dtype=dtype, generator=self.generator).to(device)
+
+    def multinomial(self, probs: torch.Tensor, num_samples: int, replacement: bool = False) -> torch.Tensor:
+        return super().multinomial(probs.cpu(), num_samples, replacement).to(probs.device)
+
+    def categorical(self, probs: torch.Tensor) -> torch.Tensor:
+        return super().categorical(probs.cpu()).to(probs.device)
+
+
 class _SharedDraws:
     def __init__(self, source: RandomSource, rows: int) -> None:
         self.source = source
@@ -375,7 +392,7 @@ def _build_sequences(
     if options.rng == "replay" and case.get("rng_draws"):
         source: RandomSource = ReplayRandomSource(case["rng_draws"], golden.tensors())
     else:
-        source = RandomSource(case.get("seed_before_call"))
+        source = CpuStreamRandomSource(case.get("seed_before_call"))
     rngs: list[RandomSource] = [source]
     if rows > 1:  # the reference draws once for all rows: share one draw list
         shared = _SharedDraws(source, rows)

@@ -16,7 +16,7 @@ import torch
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
 from dllm_runtime.decoding.params import DecodingParams
-from dllm_runtime.decoding.primitives import gather_prob, gumbel, quota, topk_rows
+from dllm_runtime.decoding.primitives import gather_prob, gumbel_argmax, quota, scatter_candidates, topk_rows
 from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 
@@ -97,27 +97,28 @@ class LLaDAPolicy(DecodingPolicy):
         if cfg.cfg_scale > 0:
             cond, uncond = logits[0:1], logits[1:2]
             logits = uncond + (cfg.cfg_scale + 1) * (cond - uncond)
-        elif cfg.logits_eos_inf or cfg.confidence_eos_eot_inf:
-            logits = logits.clone()  # edited in place below; never touch the forward's output
         x = seq.canvas
-        mask_index = x == special.mask
         _, hi = self._block_span(seq)
+        # only masked slots before the block end can be committed (upstream: conf[:, hi:] = -inf and
+        # where(mask, conf, -inf)); predictions are computed for those rows only
+        candidates = x == special.mask
+        candidates[:, hi:] = False
+        selected = logits[candidates]  # (n, V), a copy: the in-place edits below stay local
         if cfg.logits_eos_inf:
-            logits[:, :, special.eos] = -torch.inf
-        noisy = gumbel(logits, cfg.temperature, seq.rng)
-        x0 = torch.argmax(noisy, dim=-1)
+            selected[:, special.eos] = -torch.inf
+        x0_sel = gumbel_argmax(selected, cfg.temperature, seq.rng, tuple(logits.shape), candidates)
         if cfg.confidence_eos_eot_inf:
-            # after the argmax, as upstream; at T == 0 `noisy` IS `logits`, so both ids lose confidence
-            noisy[:, :, special.eos] = -torch.inf
+            # after the argmax, as upstream. At T == 0 the Gumbel output IS the logits tensor, so both
+            # EOS and EoT lose their probability mass; at T > 0 only EoT does (EOS hits the noisy copy)
+            if cfg.temperature == 0:
+                selected[:, special.eos] = -torch.inf
             if special.eot is not None:
-                logits[:, :, special.eot] = -torch.inf
+                selected[:, special.eot] = -torch.inf
         if cfg.remasking == "low_confidence":
-            x0_p = gather_prob(torch.softmax(logits, dim=-1), x0)  # softmax in the logits' dtype
+            p_sel = gather_prob(torch.softmax(selected, dim=-1), x0_sel)  # softmax in the logits' dtype
         else:
-            x0_p = seq.rng.rand(tuple(x0.shape), torch.float32, x0.device)
-        x0_p[:, hi:] = -torch.inf
-        x0 = torch.where(mask_index, x0, x)
-        confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, dtype=x0_p.dtype, device=x0_p.device))
+            p_sel = seq.rng.rand(tuple(x.shape), torch.float32, x.device)[candidates]
+        x0, confidence = scatter_candidates(x, candidates, x0_sel, p_sel, -torch.inf)
         transfer = topk_rows(confidence, [st["quota"][st["step"]]])
         x[transfer] = x0[transfer]
         st["step"] += 1

@@ -27,6 +27,42 @@ def gumbel(logits: torch.Tensor, temperature: float, rng: RandomSource) -> torch
     return logits64.exp() / (-torch.log(noise)) ** temperature
 
 
+def gumbel_argmax(
+    selected: torch.Tensor,
+    temperature: float,
+    rng: RandomSource,
+    full_shape: tuple[int, ...],
+    candidates: torch.Tensor,
+) -> torch.Tensor:
+    """`argmax(gumbel(logits, T))` evaluated only at the `candidates` positions.
+
+    `selected` is `logits[candidates]` `(n, V)`. The references perturb and reduce the whole
+    `(B, L, V)` canvas although only masked positions of the current block can be committed; every
+    op involved is per position, so computing the n candidate rows gives the same tokens at a
+    fraction of the memory traffic. The noise is still drawn for the full shape, so the RNG stream
+    (and thus every later draw) matches the reference.
+    """
+    if temperature == 0:
+        return torch.argmax(selected, dim=-1)
+    noise = rng.rand(full_shape, torch.float64, selected.device)[candidates]
+    return torch.argmax(selected.to(torch.float64).exp() / (-torch.log(noise)) ** temperature, dim=-1)
+
+
+def scatter_candidates(
+    x: torch.Tensor, candidates: torch.Tensor, x0_sel: torch.Tensor, conf_sel: torch.Tensor, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-canvas `(x0, confidence)`: predictions at candidates, `x` and `floor` elsewhere.
+
+    Equals the references' `where(M, x0, x)` / `where(M, conf, floor)`; sorting and `topk` then run
+    over full rows, so tie order is the reference's.
+    """
+    x0 = x.clone()
+    x0[candidates] = x0_sel
+    conf = torch.full(x.shape, floor, dtype=conf_sel.dtype, device=x.device)
+    conf[candidates] = conf_sel
+    return x0, conf
+
+
 def quota(num_masked: int, steps: int) -> list[int]:
     """Per-step token budget: `num_masked` spread over `steps`, the FIRST `r` steps get one extra."""
     if steps <= 0:
@@ -50,19 +86,30 @@ def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return transfer
 
 
-def fast_confidence(
+def fast_predict(
     logits: torch.Tensor,
-    x0: torch.Tensor,
+    temperature: float,
     remasking: str,
+    mask: torch.Tensor,
+    x: torch.Tensor,
     rng: RandomSource,
     random_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Fast-dLLM confidence: float64 softmax prob of `x0`, or U[0,1) `(B, L)` for random remasking."""
+    floor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-dLLM's shared prologue: `x0` and its confidence (`floor` where not masked), `(B, L)` each.
+
+    Confidence = float64 softmax probability of `x0`, or U[0,1) `(B, L)` drawn after the Gumbel
+    noise for random remasking (float64 in the threshold/fixed rule, float32 in the factor rule).
+    """
+    selected = logits[mask]
+    x0_sel = gumbel_argmax(selected, temperature, rng, tuple(logits.shape), mask)
     if remasking == "low_confidence":
-        return gather_prob(torch.softmax(logits.to(torch.float64), dim=-1), x0)
-    if remasking == "random":
-        return rng.rand(tuple(x0.shape), random_dtype, x0.device)
-    raise ValueError(f"remasking: unknown mode {remasking!r}")
+        conf_sel = gather_prob(torch.softmax(selected.to(torch.float64), dim=-1), x0_sel)
+    elif remasking == "random":
+        conf_sel = rng.rand(tuple(x.shape), random_dtype, x.device)[mask]
+    else:
+        raise ValueError(f"remasking: unknown mode {remasking!r}")
+    return scatter_candidates(x, mask, x0_sel, conf_sel, floor)
 
 
 def transfer_fixed_or_threshold(
@@ -80,11 +127,7 @@ def transfer_fixed_or_threshold(
     Threshold: every masked position with confidence >= threshold, plus each row's most confident
     masked position. Fixed: the first `k[row]` positions of a descending sort of the full row.
     """
-    x0 = torch.argmax(gumbel(logits, temperature, rng), dim=-1)
-    conf = fast_confidence(logits, x0, remasking, rng, torch.float64)
-    x0 = torch.where(mask, x0, x)
-    floor = torch.tensor(torch.finfo(conf.dtype).min, dtype=conf.dtype, device=conf.device)
-    conf = torch.where(mask, conf, floor)
+    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, torch.float64, torch.finfo(torch.float64).min)
     if threshold is not None:
         transfer = mask & (conf >= threshold)
         best = torch.zeros_like(transfer).scatter_(1, torch.argmax(conf, dim=1, keepdim=True), True)
@@ -129,10 +172,8 @@ def transfer_factor(
     rng: RandomSource,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast-dLLM `get_transfer_index_dynamic`: per row, `topk(conf, factor_count(...))`."""
-    x0 = torch.argmax(gumbel(logits, temperature, rng), dim=-1)
-    conf = fast_confidence(logits, x0, remasking, rng, torch.float32)
-    x0 = torch.where(mask, x0, x)
-    conf = torch.where(mask, conf, torch.tensor(-torch.inf, dtype=conf.dtype, device=conf.device))
+    random_dtype = torch.float32  # upstream's factor rule draws default-dtype uniforms
+    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, random_dtype, -torch.inf)
     counts = []
     for j in range(conf.shape[0]):
         n = int(mask[j].sum())
