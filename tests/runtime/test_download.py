@@ -323,3 +323,30 @@ def test_select_files_and_classify_units():
     assert classify(OSError(28, "No space left on device")).reason == "NoSpace"
     assert classify(RuntimeError("boom")).reason == "Unknown"
     assert DownloadError("NotFound", "x").exit_code == 4
+
+
+def test_insufficient_space_fails_before_downloading(hub, tmp_path, monkeypatch):
+    """A full volume cannot be made here, so the free-space probe is the one faked part (in process)."""
+    import shutil as real_shutil
+
+    from dllm_runtime import download as dl
+
+    hub.repos[REPO] = FakeRepo(_tiny_repo_files())
+    real = real_shutil.disk_usage
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    events: list[dict] = []
+    term = tmp_path / "termination-log"
+    spec = dl.DownloadSpec(repo_id=REPO, output=tmp_path / "model", endpoint=hub.url, max_retries=0, progress_interval_s=0)
+    rc = dl.download(spec, events.append, termination_log=term)
+    assert rc == 5 and events[-1]["reason"] == "NoSpace" and "1000 free" in events[-1]["message"]
+    assert json.loads(term.read_text())["reason"] == "NoSpace"
+    assert not [r for r in hub.requests if "/resolve/" in r[1]], "nothing may be fetched once space is known short"
+
+
+def test_termination_log_is_bounded(tmp_path):
+    from dllm_runtime.download import TERMINATION_LOG_LIMIT, write_termination_log
+
+    path = tmp_path / "termination-log"
+    write_termination_log(path, {"event": "error", "reason": "Unknown", "message": "x" * 10_000})
+    text = path.read_text()
+    assert len(text.encode()) <= TERMINATION_LOG_LIMIT and json.loads(text)["message"].endswith("...")

@@ -138,17 +138,15 @@ def load_model_files(
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{config_path}: invalid config: {exc}") from exc
 
-    with torch.device("meta"):
-        model = model_cls(arch_cfg, ids)
+    try:
+        with torch.device("meta"):
+            model = model_cls(arch_cfg, ids)
+    except ValueError as exc:
+        raise ModelLoadError(f"{config_path}: invalid config: {exc}") from exc
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, stored_dtype = _read_tensors(paths, expected)
-    missing = [name for name in expected if name not in state]
-    if missing:
-        files = ", ".join(str(p) for p in paths)
-        raise ModelLoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more) in {files}")
-
+    stored_dtype = _check_headers(paths, expected)
     final_dtype = requested or _config_dtype(cfg, config_path) or stored_dtype
-    state = {k: v.to(device=target_device, dtype=final_dtype) for k, v in state.items()}
+    state = _read_tensors(paths, target_device, final_dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()
@@ -156,39 +154,66 @@ def load_model_files(
     return model
 
 
-def _read_tensors(
-    paths: list[Path], expected: Mapping[str, tuple[int, ...]]
-) -> tuple[dict[str, torch.Tensor], torch.dtype]:
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
-    state: dict[str, torch.Tensor] = {}
-    stored_dtype = torch.float32
+
+def _open(path: Path):
+    """`safe_open` with errors that name the file (a truncated file fails here, on its header)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weight file not found")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: header/length checks fail on truncation
+        raise ModelLoadError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _check_headers(paths: list[Path], expected: Mapping[str, tuple[int, ...]]) -> torch.dtype:
+    """Validate names and shapes from the headers only (no tensor data is read); returns the stored dtype.
+
+    Checking everything before reading anything means a bad checkpoint fails in milliseconds, and the
+    tensors can then be converted one by one (peak memory: the model plus one tensor).
+    """
+    seen: dict[str, Path] = {}
+    stored = torch.float32
     for path in paths:
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: weight file not found")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    if name not in expected:
-                        raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not part of this architecture)")
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise ModelLoadError(
-                            f"{path}: tensor {name!r} has shape {list(shape)}, config expects {list(expected[name])}"
-                        )
-                    if name in state:
-                        raise ModelLoadError(f"{path}: tensor {name!r} appears in more than one file")
+        with _open(path) as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name not in expected:
+                    raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not part of this architecture)")
+                if name in seen:
+                    raise ModelLoadError(f"{path}: tensor {name!r} also appears in {seen[name]}")
+                info = f.get_slice(name)
+                shape = tuple(info.get_shape())
+                if shape != expected[name]:
+                    raise ModelLoadError(
+                        f"{path}: tensor {name!r} has shape {list(shape)}, config expects {list(expected[name])}"
+                    )
+                stored = _SAFETENSORS_FLOATS.get(info.get_dtype(), stored)
+                seen[name] = path
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        files = ", ".join(str(p) for p in paths)
+        raise ModelLoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more) in {files}")
+    return stored
+
+
+def _read_tensors(paths: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        with _open(path) as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                try:
                     tensor = f.get_tensor(name)
-                    if tensor.is_floating_point():
-                        stored_dtype = tensor.dtype
-                    state[name] = tensor
-        except ModelLoadError:
-            raise
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
-    return state, stored_dtype
+                except Exception as exc:  # data region unreadable although the header parsed
+                    raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {exc}") from exc
+                state[name] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+    return state
 
 
 def _config_dtype(cfg: Mapping[str, Any], config_path: Path) -> torch.dtype | None:
