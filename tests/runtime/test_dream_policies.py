@@ -122,3 +122,9 @@ def test_top_k_and_top_p_restrict_sampling() -> None:
         assert torch.equal(tokens, logits.argmax(-1))
     _, sampled = sample_tokens(logits, rng, temperature=2.0)
     assert not torch.equal(sampled, logits.argmax(-1))
+
+
+def test_dream_canvas_is_exactly_max_tokens() -> None:
+    """No block rounding for Dream: where the answer ends on the canvas depends on its length."""
+    params = DecodingParams(algorithm="dream", max_tokens=40, block_length=32).validate()
+    assert params.generation_slots() == 40 and params.resolved_steps() == 40

@@ -77,6 +77,8 @@ class DecodingParams:
 
     def generation_slots(self) -> int:
         """Masked slots on the canvas: `max_tokens` rounded up to whole blocks."""
+        if self.algorithm == "dream":  # Dream's schedule has no blocks, and its length shapes the answer
+            return self.max_tokens
         bl = self.effective_block_length()
         return math.ceil(self.max_tokens / bl) * bl
 
@@ -91,18 +93,34 @@ class DecodingParams:
     def validate(self) -> DecodingParams:
         """Raise `ValueError("<field>: ...")` for the first invalid setting; returns self."""
         _check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(_is_int(self.block_length) and self.block_length >= 1, "block_length", f"must be an integer >= 1, got {self.block_length!r}")
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            f"must be an integer >= 1, got {self.max_tokens!r}",
+        )
+        _check(
+            _is_int(self.block_length) and self.block_length >= 1,
+            "block_length",
+            f"must be an integer >= 1, got {self.block_length!r}",
+        )
         if self.steps is not None:
             _check(_is_int(self.steps) and self.steps >= 1, "steps", f"must be an integer >= 1, got {self.steps!r}")
-        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature!r}")
+        _check(
+            _is_num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be >= 0, got {self.temperature!r}",
+        )
         if self.top_p is not None:
             _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None:
             _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
         _check(self.remasking in REMASKING, "remasking", f"must be one of {REMASKING}, got {self.remasking!r}")
         if self.threshold is not None:
-            _check(_is_num(self.threshold) and 0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold!r}")
+            _check(
+                _is_num(self.threshold) and 0 < self.threshold <= 1,
+                "threshold",
+                f"must be in (0, 1], got {self.threshold!r}",
+            )
         if self.factor is not None:
             _check(_is_num(self.factor) and self.factor > 0, "factor", f"must be > 0, got {self.factor!r}")
         _check(self.cache in CACHE_MODES, "cache", f"must be one of {CACHE_MODES}, got {self.cache!r}")
@@ -125,7 +143,11 @@ class DecodingParams:
             value = getattr(self, name)
             _check(_is_num(value) and 0 <= value <= 1, name, f"must be in [0, 1], got {value!r}")
         if self.seed is not None:
-            _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+            _check(
+                _is_int(self.seed) and 0 <= self.seed < 2**63,
+                "seed",
+                f"must be an integer in [0, 2**63), got {self.seed!r}",
+            )
         if self.algorithm in ("llada", "fast_dllm"):
             # the LLaDA-family samplers draw Gumbel noise over the full vocabulary: silently ignoring
             # a truncation the client asked for would be worse than refusing it
