@@ -17,7 +17,7 @@ import kubernetes
 
 FIELD_MANAGER = "dllm-operator"
 
-# kind -> (plural, namespaced) for everything the operator touches.
+# kind -> plural for everything the operator touches (other kinds: lower-case kind + "s").
 PLURALS: dict[str, str] = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Job": "jobs",
@@ -58,7 +58,7 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
     path = base
     if namespace is not None:
         path += f"/namespaces/{quote(namespace)}"
-    path += f"/{PLURALS[kind]}"
+    path += f"/{PLURALS.get(kind) or kind.lower() + 's'}"
     if name is not None:
         path += f"/{quote(name)}"
     if subresource:

@@ -101,3 +101,22 @@ def test_parse_of_schema_defaulted_object_equals_parse_of_bare_object():
         "serving": {"deploymentMode": "Auto", "minReplicas": 1, "maxReplicas": 1, "external": False, "auth": False},
         "suspend": False}}
     assert api.parse(bare) == api.parse(defaulted)
+
+
+def test_samples_pass_the_schema_and_the_operator_and_render_valid_children():
+    from dllm_operator.config import OperatorSettings
+    from dllm_operator.resources import (build_download_job, build_inference_service, build_pvc,
+                                         build_serving_runtime, download_target)
+    from tests.schema_validation import validate
+
+    samples = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
+    assert {p.stem for p in samples} >= {"llada-8b-instruct", "dream-v0-instruct-7b", "d3llm-llada"}
+    for path in samples:
+        body = yaml.safe_load(path.read_text())
+        validate(body)
+        body["metadata"].update(namespace="demo", uid="uid-1", generation=1)
+        dlm = api.parse(body)
+        for obj in (build_pvc(dlm), build_download_job(dlm), build_serving_runtime(dlm, OperatorSettings()),
+                    build_inference_service(dlm, download_target(dlm).storage_uri, "Standard", OperatorSettings())):
+            if obj is not None:
+                validate(obj)
