@@ -19,9 +19,10 @@ batches, models) replays. Two seams exist for isolating failures:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -91,7 +92,12 @@ def case_special_ids(case: dict[str, Any], golden: GoldenFile) -> SpecialIds:
         config_path, _ = model_paths(golden, case["model"])
         config = json.loads(config_path.read_text())
         raw = dict(config.get("_golden_note") or {})
-        for name, key in (("mask", "mask_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id"), ("bos", "bos_token_id")):
+        for name, key in (
+            ("mask", "mask_token_id"),
+            ("eos", "eos_token_id"),
+            ("pad", "pad_token_id"),
+            ("bos", "bos_token_id"),
+        ):
             if name not in raw and config.get(key) is not None:
                 raw[name] = config[key]
     missing = [k for k in ("mask", "eos") if raw.get(k) is None]
@@ -159,7 +165,9 @@ class LogitsReplayModel:
     decoder's logic from model numerics. Cache contexts are never consulted (no attention runs).
     """
 
-    def __init__(self, logits: list[torch.Tensor], special_ids: SpecialIds, num_layers: int = 1, shift_logits: bool = False) -> None:
+    def __init__(
+        self, logits: list[torch.Tensor], special_ids: SpecialIds, num_layers: int = 1, shift_logits: bool = False
+    ) -> None:
         self.logits = logits
         self.special_ids = special_ids
         self.num_layers = num_layers
@@ -173,7 +181,8 @@ class LogitsReplayModel:
         self.calls += 1
         if tuple(out.shape[:2]) != tuple(input_ids.shape):
             raise RuntimeError(
-                f"forward {self.calls}: input {tuple(input_ids.shape)} but the reference's logits are {tuple(out.shape)}"
+                f"forward {self.calls}: input {tuple(input_ids.shape)}, "
+                f"but the reference's logits are {tuple(out.shape)}"
             )
         return out.to(input_ids.device)
 
@@ -190,7 +199,9 @@ class ReplayRandomSource(RandomSource):
 
     def _next(self, kinds: tuple[str, ...]) -> tuple[dict[str, Any], torch.Tensor]:
         if self.index >= len(self.draws):
-            raise RuntimeError(f"decoder made draw {self.index + 1} ({kinds[0]}) but the reference made {len(self.draws)}")
+            raise RuntimeError(
+                f"decoder made draw {self.index + 1} ({kinds[0]}) but the reference made {len(self.draws)}"
+            )
         entry = self.draws[self.index]
         self.index += 1
         if entry["fn"] not in kinds:
@@ -327,7 +338,9 @@ def default_model_provider(options: ConformanceOptions) -> ModelProvider:
 
             config_path, weights = model_paths(golden, case["model"])
             dtype = _DTYPES.get(str(golden.doc.get("env", {}).get("dtype", "float32")), torch.float32)
-            loaded[key] = load_model_files(config_path, [weights], dtype=dtype, device=options.device, special_ids=special)
+            loaded[key] = load_model_files(
+                config_path, [weights], dtype=dtype, device=options.device, special_ids=special
+            )
         return loaded[key]
 
     return provide
@@ -415,7 +428,9 @@ def _compare_output(got: torch.Tensor, want: torch.Tensor, problems: list[str]) 
     diff = (got != want).nonzero()
     if diff.numel():
         r, c = (int(v) for v in diff[0])
-        problems.append(f"output differs at {diff.shape[0]} positions, first row {r} col {c}: {int(got[r, c])} != {int(want[r, c])}")
+        problems.append(
+            f"output differs at {diff.shape[0]} positions, first row {r} col {c}: {int(got[r, c])} != {int(want[r, c])}"
+        )
 
 
 def _compare_trace(records: list[ForwardRecord], trace: list[dict[str, Any]], problems: list[str]) -> None:
@@ -445,10 +460,16 @@ def _window_problem(rec: ForwardRecord, entry: dict[str, Any]) -> str | None:
         if "replace_span" in entry:  # dual cache: block window between frozen prefix and suffix
             lo, hi = entry["replace_span"]
             if not use or (offset, offset + t) != (lo, hi) or entry.get("past_len", length) != length:
-                return f"expected a cached forward replacing [{lo}, {hi}) of {entry.get('past_len')}, got window [{offset}, {offset + t}) use_cache={use}"
+                return (
+                    f"expected a cached forward replacing [{lo}, {hi}) of {entry.get('past_len')}, "
+                    f"got window [{offset}, {offset + t}) use_cache={use}"
+                )
         elif "past_len" in entry:  # prefix cache: suffix window after the frozen prefix
             if not use or offset != entry["past_len"] or offset + t != length:
-                return f"expected a cached suffix forward after {entry['past_len']}, got window [{offset}, {offset + t}) use_cache={use}"
+                return (
+                    f"expected a cached suffix forward after {entry['past_len']}, "
+                    f"got window [{offset}, {offset + t}) use_cache={use}"
+                )
         else:  # full forward; the cache paths' full forwards (use_cache) build the cache
             if use or offset != 0 or t != length:
                 return f"expected a full forward, got window [{offset}, {offset + t}) use_cache={use}"
@@ -516,5 +537,9 @@ def run_directory(
             try:
                 results.append(run_case(golden, case, options, provide_model))
             except Exception as exc:  # one broken case must not hide the others' results
-                results.append(CaseResult(golden.path.name, case.get("name", "?"), False, problems=[f"{type(exc).__name__}: {exc}"]))
+                results.append(
+                    CaseResult(
+                        golden.path.name, case.get("name", "?"), False, problems=[f"{type(exc).__name__}: {exc}"]
+                    )
+                )
     return results

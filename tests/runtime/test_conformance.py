@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from dllm_runtime.conformance import (
     ConformanceOptions,
     GoldenFile,
@@ -167,7 +166,10 @@ def test_replay_random_source_checks_kind_shape_and_dtype() -> None:
 def test_row_random_sources_split_one_batched_draw() -> None:
     shared = _SharedDraws(RandomSource(5), rows=2)
     row0, row1 = RowRandomSource(shared, 0), RowRandomSource(shared, 1)
-    a1, b1 = row1.rand((1, 3), torch.float32, torch.device("cpu")), row0.rand((1, 3), torch.float32, torch.device("cpu"))
+    a1, b1 = (
+        row1.rand((1, 3), torch.float32, torch.device("cpu")),
+        row0.rand((1, 3), torch.float32, torch.device("cpu")),
+    )
     expected = torch.rand((2, 3), generator=torch.Generator().manual_seed(5))
     assert torch.equal(torch.cat([b1, a1]), expected)
 

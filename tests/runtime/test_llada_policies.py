@@ -8,19 +8,27 @@ is the unmodified reference's output, never a value computed by the code under t
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
 from dllm_runtime.decoding.base import RandomSource, Sequence
 from dllm_runtime.decoding.fast_dllm import FastDLLMConfig, FastDLLMPolicy
 from dllm_runtime.decoding.llada import LLaDAConfig, LLaDAPolicy
 from dllm_runtime.decoding.params import DecodingParams
-from dllm_runtime.decoding.primitives import factor_count, gumbel, quota, transfer_fixed_or_threshold
-from dllm_runtime.decoding.registry import build_policy, policy_from_reference, reference_key
+from dllm_runtime.decoding.primitives import (
+    factor_count,
+    gumbel,
+    quota,
+    transfer_fixed_or_threshold,
+)
+from dllm_runtime.decoding.registry import (
+    build_policy,
+    policy_from_reference,
+    reference_key,
+)
 from dllm_runtime.engine.step import run_to_completion
 from dllm_runtime.models.base import SpecialIds
 
@@ -37,13 +45,13 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@lru_cache(maxsize=None)
+@cache
 def golden_case(name: str) -> dict[str, Any]:
     cases = json.loads((GOLDEN / "llada_golden.json").read_text())["cases"]
     return next(c for c in cases if c["name"] == name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_llada():
     from dllm_runtime.models import load_model_files
 
@@ -105,7 +113,9 @@ def test_threshold_transfer_commits_at_least_one_masked_token() -> None:
     mask = x == SPECIAL.mask
     x0, transfer = transfer_fixed_or_threshold(logits, 0.0, "low_confidence", mask, x, None, 0.9, RandomSource(0))
     assert int(transfer.sum()) == 1 and bool((transfer & ~mask).sum() == 0)
-    _, none = transfer_fixed_or_threshold(logits, 0.0, "low_confidence", torch.zeros_like(mask), x, None, 0.9, RandomSource(0))
+    _, none = transfer_fixed_or_threshold(
+        logits, 0.0, "low_confidence", torch.zeros_like(mask), x, None, 0.9, RandomSource(0)
+    )
     assert int(none.sum()) == 0
 
 

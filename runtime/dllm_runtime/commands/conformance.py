@@ -14,7 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="folder with *_golden.json, the tiny models and tensors")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     parser.add_argument(
-        "--case", action="append", default=[], metavar="SUBSTRING", help="only cases whose name contains this (repeatable)"
+        "--case",
+        action="append",
+        default=[],
+        metavar="SUBSTRING",
+        help="only cases whose name contains this (repeatable)",
     )
     parser.add_argument(
         "--rng",
@@ -27,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drive the decoders with the stored per-forward logits instead of the model (isolates decoder logic)",
     )
-    parser.add_argument("--logits-atol", type=float, default=1e-4, help="absolute tolerance of the per-forward logit check")
-    parser.add_argument("--logits-rtol", type=float, default=1e-5, help="relative tolerance of the per-forward logit check")
+    parser.add_argument(
+        "--logits-atol", type=float, default=1e-4, help="absolute tolerance of the per-forward logit check"
+    )
+    parser.add_argument(
+        "--logits-rtol", type=float, default=1e-5, help="relative tolerance of the per-forward logit check"
+    )
     parser.add_argument("--no-logits", action="store_true", help="skip the per-forward logit check")
     parser.add_argument(
         "--threads",
@@ -41,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dllm_runtime.conformance import ConformanceOptions, load_golden_dir, run_directory
+    from dllm_runtime.conformance import (
+        ConformanceOptions,
+        load_golden_dir,
+        run_directory,
+    )
 
     try:
         files = load_golden_dir(args.directory)

@@ -24,10 +24,25 @@ from typing import Any
 import torch
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
-from dllm_runtime.decoding.llada import PositionFn, arange_positions, check_blocks, reference_kwargs, require_unshifted
+from dllm_runtime.decoding.llada import (
+    PositionFn,
+    arange_positions,
+    check_blocks,
+    reference_kwargs,
+    require_unshifted,
+)
 from dllm_runtime.decoding.params import DecodingParams
-from dllm_runtime.decoding.primitives import gumbel, quota, transfer_factor, transfer_fixed_or_threshold
-from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
+from dllm_runtime.decoding.primitives import (
+    gumbel,
+    quota,
+    transfer_factor,
+    transfer_fixed_or_threshold,
+)
+from dllm_runtime.decoding.registry import (
+    ReferenceDecoder,
+    register_algorithm,
+    register_reference,
+)
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -128,7 +143,9 @@ class FastDLLMPolicy(DecodingPolicy):
             # the quota always completes a block within steps_per_block steps; past that (never
             # reached by the reference) take every remaining mask so the loop cannot stall
             k = [budget[step]] if step < len(budget) else [int(mask.sum())]
-        return transfer_fixed_or_threshold(logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng)
+        return transfer_fixed_or_threshold(
+            logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng
+        )
 
     def _block_span(self, seq: Sequence) -> tuple[int, int]:
         s = seq.prompt_len + seq.state["block"] * self.config.block_length

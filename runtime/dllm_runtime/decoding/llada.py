@@ -9,15 +9,26 @@ the ids taken from the model's special ids instead of LLaDA-8B literals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
 from dllm_runtime.decoding.params import DecodingParams
-from dllm_runtime.decoding.primitives import gather_prob, gumbel_argmax, quota, scatter_candidates, topk_rows
-from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
+from dllm_runtime.decoding.primitives import (
+    gather_prob,
+    gumbel_argmax,
+    quota,
+    scatter_candidates,
+    topk_rows,
+)
+from dllm_runtime.decoding.registry import (
+    ReferenceDecoder,
+    register_algorithm,
+    register_reference,
+)
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 
 PositionFn = Callable[[torch.Tensor], torch.Tensor]
@@ -161,7 +172,9 @@ _LLADA_DEFAULTS: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-def reference_kwargs(kwargs: dict[str, Any], defaults: dict[str, Any], special: SpecialIds) -> tuple[dict[str, Any], SpecialIds]:
+def reference_kwargs(
+    kwargs: dict[str, Any], defaults: dict[str, Any], special: SpecialIds
+) -> tuple[dict[str, Any], SpecialIds]:
     """Overlay a recorded call's kwargs on the upstream signature's defaults.
 
     `attention_mask` is canvas layout (the conformance runner applies it), and upstream's literal

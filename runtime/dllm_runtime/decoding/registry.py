@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from dllm_runtime.decoding.base import DecodingPolicy
 from dllm_runtime.decoding.params import DecodingParams
