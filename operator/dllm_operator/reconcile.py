@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,15 +89,22 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.kserve = KServeDefaults(ttl_s=max(settings.resync_seconds, 10.0))
+        # One pass at a time per object: kopf's handlers and the child-event path may overlap.
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
     def reconcile(self, body: dict[str, Any], now: dt.datetime | None = None) -> dict[str, Any]:
         """The new `.status` of `body` after applying its children. Raises UnreachableError to retry."""
-        try:
-            return self._reconcile(body, now or utcnow())
-        except KubeError as exc:
-            if exc.retryable:
-                raise UnreachableError(str(exc)) from exc
-            raise
+        meta = body.get("metadata") or {}
+        with self._locks[(meta.get("namespace") or "", meta.get("name") or "")]:
+            try:
+                return self._reconcile(body, now or utcnow())
+            except KubeError as exc:
+                if exc.retryable:
+                    raise UnreachableError(str(exc)) from exc
+                raise
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
 
     def _reconcile(self, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         meta = body.get("metadata") or {}
