@@ -44,50 +44,14 @@ app.kubernetes.io/part-of: dllm-serve
 {{- end }}
 
 {{/*
-The operator's permissions: the SAME rules as manifests/operator/rbac.yaml (the single list, owned by the
-operator; tests/charts checks that the chart renders exactly these). Why each rule exists is written there.
+The operator's permissions: files/rbac-rules.yaml, copied by hack/render-manifests.py from
+manifests/operator/rbac.yaml (the one list, owned by the operator; tests/charts checks the copy).
 */}}
 {{- define "dllm-operator.rules" -}}
-- apiGroups: [apiextensions.k8s.io]
-  resources: [customresourcedefinitions]
-  verbs: [list, watch]
-- apiGroups: [""]
-  resources: [namespaces]
-  verbs: [list, watch]
-- apiGroups: ["", events.k8s.io]
-  resources: [events]
-  verbs: [create]
-- apiGroups: [serving.dllm.io]
-  resources: [diffusionlms]
-  verbs: [get, list, watch, patch]
-- apiGroups: [serving.dllm.io]
-  resources: [diffusionlms/status]
-  verbs: [get, patch]
-- apiGroups: [serving.dllm.io]
-  resources: [diffusionlms/finalizers]
-  verbs: [update]
-- apiGroups: [serving.kserve.io]
-  resources: [inferenceservices, servingruntimes]
-  verbs: [get, list, watch, create, patch]
-- apiGroups: [""]
-  resources: [persistentvolumeclaims]
-  verbs: [get, list, watch, create, patch]
-- apiGroups: [batch]
-  resources: [jobs]
-  verbs: [get, list, watch, create, delete]
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [get, list]
-- apiGroups: [""]
-  resources: [pods/log]
-  verbs: [get]
-- apiGroups: [""]
-  resources: [configmaps]
-  resourceNames: [inferenceservice-config]
-  verbs: [get]
+{{ .Files.Get "files/rbac-rules.yaml" }}
 {{- end }}
 
 {{/* Resources that are cluster-scoped: their rules always live in a ClusterRole. */}}
 {{- define "dllm-operator.clusterScopedResources" -}}
-[customresourcedefinitions, namespaces]
+[customresourcedefinitions, namespaces, clusterservingruntimes]
 {{- end }}
