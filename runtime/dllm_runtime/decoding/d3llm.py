@@ -168,18 +168,26 @@ def _llada_entropy_transfer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d3LLM-LLaDA `get_transfer_index_entropy` with a threshold (B = 1).
 
-    RNG order: the Gumbel draw (T > 0) first, then the `random` remasking uniforms.
+    The reference computes argmax and float64 entropy over the whole canvas; only the eligible
+    slots are ever read, so only they are computed (a full `(L, V)` float64 softmax would cost GBs
+    for a 150k vocabulary). RNG order is kept: the Gumbel draw (T > 0, full shape, as the reference
+    draws it) first, then the `random` remasking uniforms `(1, L)`.
     """
     x = seq.canvas
-    x0 = torch.argmax(gumbel(logits, cfg.temperature, seq.rng), dim=-1)
-    if cfg.remasking == "low_confidence":
-        entropy = entropy_f64(logits)
+    slots = eligible[0].nonzero().squeeze(1)
+    x0 = x.clone()
+    if cfg.temperature > 0:
+        x0[0, slots] = torch.argmax(gumbel(logits, cfg.temperature, seq.rng)[0, slots], dim=-1)
     else:
-        entropy = seq.rng.rand(tuple(x0.shape), torch.float32, x0.device)
-    x0 = torch.where(eligible, x0, x)
+        x0[0, slots] = torch.argmax(logits[0, slots], dim=-1)
+    if cfg.remasking == "low_confidence":
+        entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
+        entropy[0, slots] = entropy_f64(logits[0, slots])
+    else:
+        entropy = seq.rng.rand(tuple(x.shape), torch.float32, x.device)
     for_selection = torch.where(eligible, entropy, torch.inf)
     transfer = torch.zeros_like(x, dtype=torch.bool)
-    k = int(eligible.sum())
+    k = int(slots.numel())
     if k > 0:
         _, idx = torch.topk(for_selection[0], k, largest=False)
         keep = entropy[0, idx] <= cfg.threshold  # dropped iff H > threshold
@@ -337,13 +345,19 @@ class D3LLMMultiBlockPolicy(DecodingPolicy):
         if self.variant == "llada":
             x0, transfer = _llada_entropy_transfer(seq, logits, eligible, cfg)
         else:
+            # float64 entropy and argmax only where a slot can be committed (the reference computes
+            # them for the whole canvas); at T > 0 every position is sampled, as the reference's one
+            # `multinomial (L, 1)` draw does, so the RNG stream stays the same
             logits = shift_right(logits)
-            entropy = entropy_f64(logits)
+            slots = eligible[0].nonzero().squeeze(1)
+            entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
+            entropy[0, slots] = entropy_f64(logits[0, slots])
             if cfg.temperature > 0:
                 probs = F.softmax(logits / cfg.temperature, dim=-1)
                 x0 = seq.rng.multinomial(probs.view(-1, probs.shape[-1]), 1).view(x.shape)
             else:
-                x0 = torch.argmax(logits, dim=-1)
+                x0 = x.clone()
+                x0[0, slots] = torch.argmax(logits[0, slots], dim=-1)
             transfer = (entropy < cfg.threshold) & eligible
 
         forced = next((b for b in st.blocks[1:] if b.active and b.mask_count > 0), None)
