@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                              enable_grpc=settings.enable_grpc, grpc_port=settings.grpc_port)
     metrics = ServerMetrics(settings.served_model_name)
     model = DiffusionLMModel(settings, model_path, metrics, on_fatal=server.fail, model_wait_timeout=settings.model_wait_timeout)
-    register_routes(app, model, OpenAIServing(model, base_params))
+    register_routes(app, model, OpenAIServing(model, base_params, algorithm_set="algorithm" in settings.decoding))
     logger.info("serving %s as %r on http://%s:%d (OpenAI API at /v1 and /openai/v1)",
                 model_path, model.name, settings.host, settings.port)
     server.start([model])

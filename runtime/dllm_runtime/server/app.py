@@ -16,7 +16,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dllm_runtime.server import protocol
-from dllm_runtime.server.errors import APIError, NotFound, PayloadTooLarge, Unauthorized, Unavailable, api_error_handler
+from dllm_runtime.server.errors import (
+    APIError,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    Unauthorized,
+    Unavailable,
+    api_error_handler,
+)
 from dllm_runtime.server.model import DiffusionLMModel
 from dllm_runtime.server.serving import OpenAIServing
 
@@ -66,14 +75,23 @@ class Routes:
 
     # ---------------------------------------------------------------- OpenAI
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        self._require_ready()
-        return await self.serving.completions(request, await self._read_body(request))
+        return await self._generate(request, self.serving.completions)
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, self.serving.chat)
+
+    async def _generate(self, request: Request, handler) -> Response:
+        """Guards, then the handler; client errors are counted in `dllm:request_errors_total`."""
         self._authorize(request)
         self._require_ready()
-        return await self.serving.chat(request, await self._read_body(request))
+        try:
+            return await handler(request, await self._read_body(request))
+        except (BadRequest, NotFound, PayloadTooLarge):
+            self.model.metrics.count_error("validation")
+            raise
+        except QueueFull:
+            self.model.metrics.count_error("queue_full")
+            raise
 
     def _card(self) -> dict:
         loaded = self.model.loaded

@@ -34,6 +34,10 @@ from dllm_runtime.server.model import DiffusionLMModel
 
 logger = logging.getLogger("dllm_runtime.server")
 
+#: decoder used when neither `--algorithm` nor the request names one (Dream's logits are shifted and
+#: its reference sampler is its own; LLaDA-family checkpoints get DecodingParams' default)
+FAMILY_ALGORITHM = {"dream": "dream"}
+
 #: DecodingParams fields a request may set as extra body fields (max_tokens has its own field)
 EXTRA_DECODING_FIELDS = tuple(n for n in DecodingParams.field_names() if n != "max_tokens")
 
@@ -69,10 +73,18 @@ class _Job:
 class OpenAIServing:
     """Builds engine requests from OpenAI requests and OpenAI responses from engine outputs."""
 
-    def __init__(self, model: DiffusionLMModel, base_params: DecodingParams) -> None:
+    def __init__(self, model: DiffusionLMModel, base_params: DecodingParams, algorithm_set: bool = False) -> None:
+        """`algorithm_set`: the operator chose `--algorithm`; otherwise the model family's decoder is used."""
         self.model = model
         self.base_params = base_params
+        self.algorithm_set = algorithm_set
         self.settings = model.settings
+
+    def _base(self) -> DecodingParams:
+        if self.algorithm_set:
+            return self.base_params
+        family = FAMILY_ALGORITHM.get(self.model.loaded.model_type.lower())
+        return self.base_params.replace(algorithm=family) if family else self.base_params
 
     # ------------------------------------------------------------------ entry points
     async def completions(self, request: Request, body: bytes) -> Response:
@@ -153,7 +165,7 @@ class OpenAIServing:
         overrides = req.decoding_overrides(EXTRA_DECODING_FIELDS)
         overrides["max_tokens"] = max_tokens
         try:
-            params = DecodingParams.from_dict(overrides, base=self.base_params).validate()
+            params = DecodingParams.from_dict(overrides, base=self._base()).validate()
         except (ValueError, TypeError) as exc:
             raise _decoding_error(exc) from None
         stop = req.stop_list()
@@ -190,11 +202,9 @@ class OpenAIServing:
                 raise Unavailable(f"the server is shutting down: {exc}", code="shutting_down",
                                   headers={"Retry-After": str(self.settings.retry_after)}) from None
             if isinstance(exc, QueueFullError):
-                self.model.metrics.count_error("queue_full")
                 raise QueueFull(f"too many requests queued: {exc}", code="queue_full",
                                 headers={"Retry-After": str(self.settings.retry_after)}) from None
             if isinstance(exc, RequestValidationError):
-                self.model.metrics.count_error("validation")
                 raise BadRequest(str(exc), param=exc.param) from None
             raise
         return list(zip(opened, firsts))
