@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dllm_runtime.models import DreamModel, LLaDAModel, load_model, load_model_files
+from dllm_runtime.models import DreamModel, LLaDAModel, SpecialIds, load_model, load_model_files
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -222,3 +222,42 @@ def test_tiny_model_dirs_load_with_real_special_ids(tiny_llada_dir, tiny_dream_d
         ids = torch.tensor([[model.special_ids.bos, 100, 200, model.special_ids.mask]])
         logits = _forward(model, ids)
         assert logits.shape == (1, 4, model.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_released_llada_8b_config_builds_released_tensor_layout():
+    """The real LLaDA-8B-Instruct config.json (shared copy) maps to the §2.1 tensor names and shapes."""
+    from dllm_runtime.models.llada import LLaDAConfig
+    from dllm_runtime.tokenizer import resolve_special_ids
+    from tests.helpers.tiny_models import TOKENIZERS
+
+    cfg = json.loads((TOKENIZERS / "llada-8b-instruct" / "config.json").read_text())
+    ids = resolve_special_ids(cfg, model_dir=TOKENIZERS / "llada-8b-instruct")
+    assert (ids.mask, ids.eos, ids.eot, ids.bos) == (126336, 126081, 126348, 126080)
+    with torch.device("meta"):
+        model = LLaDAModel(LLaDAConfig.from_dict(cfg), ids)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["model.transformer.wte.weight"] == (126464, 4096)
+    assert shapes["model.transformer.ff_out.weight"] == (126464, 4096)
+    assert shapes["model.transformer.blocks.31.q_proj.weight"] == (4096, 4096)
+    assert shapes["model.transformer.blocks.0.ff_proj.weight"] == (12288, 4096)
+    assert shapes["model.transformer.blocks.0.ff_out.weight"] == (4096, 12288)
+    assert len(shapes) == 3 + 32 * 9
+    assert 8.0e9 < sum(v.numel() for v in model.state_dict().values()) < 8.1e9
+
+
+def test_dream_7b_config_builds_released_tensor_layout():
+    """Dream-v0-Instruct-7B sizes (§2.2): GQA 28/4 heads, q/k/v bias, untied lm_head."""
+    from dllm_runtime.models.dream import DreamConfig
+
+    cfg = {"model_type": "Dream", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+           "rope_theta": 1e6, "tie_word_embeddings": False, "hidden_act": "silu"}  # fmt: skip
+    with torch.device("meta"):
+        model = DreamModel(DreamConfig.from_dict(cfg), SpecialIds(mask=151666, eos=151643, pad=151643))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (512, 3584)
+    assert shapes["model.layers.0.self_attn.k_proj.bias"] == (512,)
+    assert "model.layers.0.self_attn.o_proj.bias" not in shapes
+    assert shapes["lm_head.weight"] == (152064, 3584) and shapes["model.embed_tokens.weight"] == (152064, 3584)
+    assert len(shapes) == 3 + 28 * 12
+    assert 7.5e9 < sum(v.numel() for v in model.state_dict().values()) < 7.7e9
