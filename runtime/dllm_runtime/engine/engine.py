@@ -83,6 +83,7 @@ class AsyncEngine:
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self._element_size = param.element_size() if param is not None else 4
+        self._min_tokens = self.config.resolved_min_forward_tokens(self.device)
         self._stop_ids = torch.tensor(model.special_ids.stop_ids(), dtype=torch.long, device=self.device)
 
         self._lock = threading.Lock()
@@ -329,7 +330,7 @@ class AsyncEngine:
             tracked.error = f"{type(exc).__name__}: {exc}"
             logger.warning("request %s failed: %s", tracked.request.request_id, tracked.error)
 
-        result = run_step(self.model, batch, on_error=on_error)
+        result = run_step(self.model, batch, on_error=on_error, min_tokens=self._min_tokens)
         committed = 0
         for tracked, before in zip(list(self._running), masked_before):
             tracked.steps += 1

@@ -1,9 +1,11 @@
 """The one step loop: the planned forwards of many sequences as one batched model call.
 
 Used by the serving engine (continuous batching), `dllm-serve generate` and the conformance runner.
-Rows of different lengths are right-padded with invalid keys (pad-and-mask); rows that read a block
-KV cache attend to `cache[:offset] ++ new ++ cache[offset+T:]`, exactly the key order of the
-Fast-dLLM prefix/dual caches, so a batch of one reproduces the references bit for bit.
+Rows of different lengths share the projections/MLP as one right-padded `(N, Tmax)` batch, while
+attention runs per group of equal-length rows on unpadded keys (`ragged_sdpa`), so a row's logits
+are bit-identical alone or in any batch (per-request determinism). Rows that read a block KV cache
+attend to `cache[:offset] ++ new ++ cache[offset+T:]`, exactly the key order of the Fast-dLLM
+prefix/dual caches, so a batch of one reproduces the references bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, KVCache, Sequence
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa
-from dllm_runtime.models.base import DiffusionModel
+from dllm_runtime.models.base import AttentionContext, DiffusionModel
 
 
 @dataclass
@@ -24,6 +26,60 @@ class _Row:
     spec: ForwardSpec
     row: int  # row index inside spec (CFG has 2)
     length: int  # T of this row (unpadded)
+
+
+def ragged_sdpa(
+    q: torch.Tensor,
+    q_lens: list[int],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    valids: list[torch.Tensor],
+) -> torch.Tensor:
+    """Attention for rows of different lengths, each row computed exactly as if it ran alone.
+
+    Why not pad-and-mask: padding a row's keys to the batch's longest row changes the reduction
+    length of its softmax/PV sums, and CPU SDPA kernels then round differently (observed ~1e-5 on
+    logits, enough to flip a near-tie in a top-k). Batch size and an all-true mask do not change
+    results, so rows are grouped by (query length, key length) and each group is one SDPA call on
+    unpadded tensors: a row's numbers depend only on its own tokens, never on who shares the batch.
+    `q` `(N, Hq, Tmax, D)`; row i attends with its first `q_lens[i]` queries to `keys[i]`
+    `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Padded query slots return 0.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (t, k) in enumerate(zip(q_lens, keys)):
+        groups.setdefault((t, k.shape[1]), []).append(i)
+    out = None if len(groups) == 1 else q.new_zeros(q.shape)
+    for (t, _), idx in groups.items():
+        qg = q[:, :, :t] if len(idx) == q.shape[0] else q[idx, :, :t]
+        valid = torch.stack([valids[i] for i in idx])
+        og = sdpa(
+            qg,
+            torch.stack([keys[i] for i in idx]),
+            torch.stack([values[i] for i in idx]),
+            None if bool(valid.all()) else valid,
+        )
+        if out is None:  # one group covering every row: no scatter
+            return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
+        out[idx, :, :t] = og
+    return out
+
+
+class RaggedAttention:
+    """Full attention over each row's own tokens (no cache), invariant to batch composition."""
+
+    def __init__(self, lengths: list[int], valid: torch.Tensor) -> None:
+        self.lengths = lengths
+        self.valid = valid  # (N, Tmax), False = pad (left pad inside a row, or right fill)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = range(len(self.lengths))
+        return ragged_sdpa(
+            q,
+            self.lengths,
+            [k[i, :, : self.lengths[i]] for i in n],
+            [v[i, :, : self.lengths[i]] for i in n],
+            [self.valid[i, : self.lengths[i]] for i in n],
+        )
 
 
 class BatchedCacheAttention:
@@ -37,27 +93,21 @@ class BatchedCacheAttention:
         keys, values, valids = [], [], []
         for i, r in enumerate(self.rows):
             kv = r.seq.kv
+            new_k, new_v, new_valid = k[i, :, : r.length], v[i, :, : r.length], self.new_valid[i, : r.length]
             if r.spec.store_cache:
-                self._store(layer, r, k[i, :, : r.length], v[i, :, : r.length], self.new_valid[i, : r.length])
+                self._store(layer, r, new_k, new_v, new_valid)
             if r.spec.use_cache:
                 if kv is None:
                     raise RuntimeError("policy asked for a KV cache before building one (use store_cache first)")
                 lo, hi = r.spec.offset, r.spec.offset + r.length
-                keys.append(torch.cat([kv.keys[layer][r.row, :, :lo], k[i], kv.keys[layer][r.row, :, hi:]], dim=1))
-                values.append(torch.cat([kv.values[layer][r.row, :, :lo], v[i], kv.values[layer][r.row, :, hi:]], dim=1))
-                valids.append(torch.cat([kv.valid[r.row, :lo], self.new_valid[i], kv.valid[r.row, hi:]]))
+                keys.append(torch.cat([kv.keys[layer][r.row, :, :lo], new_k, kv.keys[layer][r.row, :, hi:]], dim=1))
+                values.append(torch.cat([kv.values[layer][r.row, :, :lo], new_v, kv.values[layer][r.row, :, hi:]], dim=1))
+                valids.append(torch.cat([kv.valid[r.row, :lo], new_valid, kv.valid[r.row, hi:]]))
             else:
-                keys.append(k[i])
-                values.append(v[i])
-                valids.append(self.new_valid[i])
-        kmax = max(t.shape[1] for t in keys)
-        if all(t.shape[1] == kmax for t in keys) and len(keys) == 1:
-            key_valid = None if bool(valids[0].all()) else valids[0][None]
-            return sdpa(q, keys[0][None], values[0][None], key_valid)
-        key_t = torch.stack([_pad_dim1(t, kmax) for t in keys])
-        val_t = torch.stack([_pad_dim1(t, kmax) for t in values])
-        valid_t = torch.stack([torch.nn.functional.pad(t, (0, kmax - t.shape[0]), value=False) for t in valids])
-        return sdpa(q, key_t, val_t, valid_t)
+                keys.append(new_k)
+                values.append(new_v)
+                valids.append(new_valid)
+        return ragged_sdpa(q, [r.length for r in self.rows], keys, values, valids)
 
     @staticmethod
     def _store(layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
@@ -77,18 +127,25 @@ class BatchedCacheAttention:
         seq.kv.valid[r.row, lo:hi] = valid
 
 
-def _pad_dim1(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Right-pad `(H, K, D)` along K with zeros (their keys are masked)."""
-    return torch.nn.functional.pad(t, (0, 0, 0, size - t.shape[1]))
+def batched_forward(
+    model: DiffusionModel, work: list[tuple[Sequence, ForwardSpec]], min_tokens: int = 0
+) -> list[torch.Tensor]:
+    """Run every spec in one model call; returns each spec's logits `(R, T, V)`.
 
-
-def batched_forward(model: DiffusionModel, work: list[tuple[Sequence, ForwardSpec]]) -> list[torch.Tensor]:
-    """Run every spec in one model call; returns each spec's logits `(R, T, V)`."""
+    `min_tokens` pads the `(N, Tmax)` batch with pad columns until `N * Tmax >= min_tokens`. Why:
+    CPU GEMMs (MKL sgemm) take a different kernel / thread split when the row count M is small
+    (measured with torch 2.13: M < 4 at 1 thread, M < 12 at 2, M < 28 at 16), so a tiny forward
+    alone would round differently from the same rows inside a bigger batch. Above that size every
+    output row is computed the same way whatever M is, so padding small forwards makes a row's
+    logits independent of batch size. 0 (the default: conformance, `generate`) pads nothing.
+    """
     rows: list[_Row] = []
     for seq, spec in work:
         for r in range(spec.input_ids.shape[0]):
             rows.append(_Row(seq, spec, r, spec.input_ids.shape[1]))
     tmax = max(r.length for r in rows)
+    if len(rows) * tmax < min_tokens:
+        tmax = -(-min_tokens // len(rows))
     device = work[0][1].input_ids.device
     pad_id = model.special_ids.pad
     ids = torch.full((len(rows), tmax), pad_id, dtype=torch.long, device=device)
@@ -105,9 +162,11 @@ def batched_forward(model: DiffusionModel, work: list[tuple[Sequence, ForwardSpe
             if spec.store_cache:
                 seq.state["_num_layers"] = model.num_layers
                 seq.kv = None  # a storing forward rebuilds the cache from scratch
-        attention = BatchedCacheAttention(rows, valid)
-    else:
+        attention: AttentionContext = BatchedCacheAttention(rows, valid)
+    elif all(r.length == tmax for r in rows):  # one shape: a plain batch is already exact
         attention = KeyMaskAttention(None if bool(valid.all()) else valid)
+    else:
+        attention = RaggedAttention([r.length for r in rows], valid)
     logits = model(ids, pos, attention)
 
     out, i = [], 0
@@ -135,6 +194,7 @@ def run_step(
     model: DiffusionModel,
     batch: list[tuple[Sequence, DecodingPolicy]],
     on_error: ErrorHandler | None = None,
+    min_tokens: int = 0,
 ) -> StepResult:
     """One engine step: plan every sequence, one batched forward, commit every sequence.
 
@@ -142,6 +202,7 @@ def run_step(
     Without `on_error` any exception propagates (conformance, `generate`). With it (the serving
     engine) a failing `plan`/`commit` finishes only its own sequence, and a failing batched forward
     is retried one sequence at a time so that only the sequence that breaks it fails.
+    `min_tokens`: see `batched_forward` (the engine uses it for batch-size invariance).
     """
     work: list[tuple[Sequence, ForwardSpec, DecodingPolicy]] = []
     for seq, policy in batch:
@@ -162,14 +223,14 @@ def run_step(
         return StepResult()
     try:
         with torch.inference_mode():
-            logits = batched_forward(model, [(s, f) for s, f, _ in work])
+            logits = batched_forward(model, [(s, f) for s, f, _ in work], min_tokens)
     except Exception as exc:
         if on_error is None:
             raise
         if len(work) == 1:
             _fail(work[0][0], exc, on_error)
             return StepResult()
-        work, logits = _isolate_forward(model, work, on_error)
+        work, logits = _isolate_forward(model, work, on_error, min_tokens)
     result = StepResult()
     for (seq, spec, policy), seq_logits in zip(work, logits):
         seq.nfe += 1
@@ -194,13 +255,14 @@ def _isolate_forward(
     model: DiffusionModel,
     work: list[tuple[Sequence, ForwardSpec, DecodingPolicy]],
     on_error: ErrorHandler,
+    min_tokens: int,
 ) -> tuple[list[tuple[Sequence, ForwardSpec, DecodingPolicy]], list[torch.Tensor]]:
     """Re-run a failed batched forward one sequence at a time; only failing sequences are dropped."""
     kept, logits = [], []
     for item in work:
         try:
             with torch.inference_mode():
-                logits.append(batched_forward(model, [(item[0], item[1])])[0])
+                logits.append(batched_forward(model, [(item[0], item[1])], min_tokens)[0])
             kept.append(item)
         except Exception as exc:
             _fail(item[0], exc, on_error)
