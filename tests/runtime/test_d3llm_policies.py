@@ -190,3 +190,25 @@ def test_generation_length_must_split_into_blocks() -> None:
     policy = D3LLMMultiBlockPolicy(D3LLMSettings(block_length=8), "llada", llada_position_ids)
     with pytest.raises(ValueError, match="^block_length:"):
         policy.init(_seq(4, 12))
+
+
+def test_mixed_policies_in_one_batch_match_running_alone() -> None:
+    """The step loop batches d3LLM (both decoders) with Dream's sampler and differently long prompts
+    into shared forwards; each request still gets exactly what it gets alone (same tokens, same NFE)."""
+    model = tiny_model("llada_tiny")
+
+    def requests() -> list[tuple[Sequence, object]]:
+        multi = D3LLMMultiBlockPolicy(D3LLMSettings(threshold=0.5, block_length=8, early_stop=True), "llada",
+                                      model.position_ids)
+        blockwise = D3LLMBlockwisePolicy(D3LLMSettings(threshold=0.5, block_length=8), "llada", model.position_ids)
+        dream = build_policy(DecodingParams(algorithm="dream", max_tokens=16, steps=8, alg="entropy"), model)
+        return [(_seq(8, 16), multi), (_seq(3, 24), blockwise), (_seq(5, 16), dream)]
+
+    alone = requests()
+    for seq, policy in alone:
+        run_to_completion(model, [(seq, policy)])
+    together = requests()
+    run_to_completion(model, together)
+    for (a, _), (b, _) in zip(alone, together):
+        assert torch.equal(a.canvas, b.canvas)
+        assert a.nfe == b.nfe
