@@ -418,6 +418,9 @@ def _build_sequences(
             row_valid = torch.tensor(attention_mask[j], dtype=torch.bool)
             valid = torch.cat([row_valid, torch.ones(gen_length, dtype=torch.bool)])[None].to(device)
         seqs.append(Sequence(canvas=canvas, prompt_len=prompt_len, special=special, rng=rngs[j], valid=valid))
+    if rows > 1:  # rows of one reference call: policies that advance blocks batch-wide wait for all
+        for seq in seqs:
+            seq.state["batch_group"] = seqs
     return seqs
 
 

@@ -33,7 +33,6 @@ from dllm_runtime.decoding.llada import (
 )
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.primitives import (
-    gumbel,
     quota,
     transfer_factor,
     transfer_fixed_or_threshold,
@@ -82,6 +81,9 @@ class FastDLLMPolicy(DecodingPolicy):
 
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         st = seq.state
+        if st["step"] > 0 and self._block_finished(seq):
+            st["block"] += 1
+            st["step"] = 0
         if st["block"] >= st["num_blocks"]:
             return None
         s, e = self._block_span(seq)
@@ -116,7 +118,8 @@ class FastDLLMPolicy(DecodingPolicy):
             lo, hi = 0, seq.length  # full canvas; earlier leftover masks stay eligible
         elif cfg.cache == "prefix":
             lo, hi = s, seq.length
-            gumbel(logits, cfg.temperature, seq.rng)  # upstream's discarded draw (T > 0 only)
+            if cfg.temperature > 0:  # upstream draws Gumbel noise for the slice and discards it
+                seq.rng.rand(tuple(logits.shape), torch.float64, logits.device)
         else:
             lo, hi = s, e
         window = seq.canvas[:, lo:hi]
@@ -124,12 +127,22 @@ class FastDLLMPolicy(DecodingPolicy):
         mask[:, e - lo :] = False
         x0, transfer = self._transfer(seq, logits, mask, window, step)
         window[transfer] = x0[transfer]  # a view: writes into seq.canvas
-        st["step"] = step + 1
-        block_done = not bool((seq.canvas[0, s:e] == seq.special.mask).any())
-        out_of_steps = cfg.cache == "dual" and st["step"] >= st["steps_per_block"]
-        if block_done or out_of_steps:
-            st["block"] += 1
-            st["step"] = 0
+        st["step"] = step + 1  # whether the block is over is decided at the next `plan`
+
+    def _block_finished(self, seq: Sequence) -> bool:
+        """Upstream's loop exit: no mask left in the block (of ANY row), or the dual cache's step bound.
+
+        `seq.state["batch_group"]` lists the sequences that replay one batched reference call: upstream
+        keeps forwarding rows whose block is complete (they commit nothing) until every row's block
+        is, and the conformance runner reproduces that. Alone, a sequence is its own group. Checked at
+        `plan` time, after every member has committed the previous step.
+        """
+        st = seq.state
+        if self.config.cache == "dual" and st["step"] >= st["steps_per_block"]:
+            return True
+        s, e = self._block_span(seq)
+        group = st.get("batch_group") or [seq]
+        return not any(bool((m.canvas[0, s:e] == m.special.mask).any()) for m in group)
 
     def _transfer(
         self, seq: Sequence, logits: torch.Tensor, mask: torch.Tensor, window: torch.Tensor, step: int
