@@ -212,3 +212,14 @@ def test_mixed_policies_in_one_batch_match_running_alone() -> None:
     for (a, _), (b, _) in zip(alone, together):
         assert torch.equal(a.canvas, b.canvas)
         assert a.nfe == b.nfe
+
+
+@pytest.mark.parametrize(
+    ("model_name", "changes", "field"),
+    [("llada_tiny", {"top_p": 0.9}, "top_p"), ("llada_tiny", {"factor": 1.0}, "factor"),
+     ("dream_tiny", {"remasking": "random"}, "remasking")],
+)
+def test_settings_d3llm_would_ignore_are_rejected(model_name: str, changes: dict, field: str) -> None:
+    params = DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8, threshold=0.5, **changes)
+    with pytest.raises(ValueError, match=f"^{field}: not used by algorithm='d3llm'"):
+        build_policy(params, tiny_model(model_name))

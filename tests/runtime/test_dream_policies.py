@@ -128,3 +128,9 @@ def test_dream_canvas_is_exactly_max_tokens() -> None:
     """No block rounding for Dream: where the answer ends on the canvas depends on its length."""
     params = DecodingParams(algorithm="dream", max_tokens=40, block_length=32).validate()
     assert params.generation_slots() == 40 and params.resolved_steps() == 40
+
+
+def test_settings_dream_would_ignore_are_rejected() -> None:
+    params = DecodingParams(algorithm="dream", max_tokens=16, remasking="random")
+    with pytest.raises(ValueError, match="^remasking: not used by algorithm='dream'"):
+        build_policy(params, tiny_model("dream_tiny"))

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
-from dllm_runtime.decoding.dream import PositionFn, canvas_positions, dream_position_ids, shift_right
+from dllm_runtime.decoding.dream import (
+    PositionFn,
+    reject_unused,
+    canvas_positions,
+    dream_position_ids,
+    shift_right,
+)
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.primitives import gumbel
 from dllm_runtime.decoding.registry import ReferenceDecoder, ReferenceFactory, register_algorithm, register_reference
@@ -394,6 +400,12 @@ def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> Decodi
     decoded_token_threshold = 1.0` turns it into block-by-block decoding (LLaDA: token-identical to
     `generate`). The variant follows the model: right-shifted logits mean the Dream rules.
     """
+    variant = "dream" if model.shift_logits else "llada"
+    unused = {"top_p": "samples from the full distribution", "top_k": "samples from the full distribution",
+              "factor": "uses an entropy threshold"}
+    if variant == "dream":
+        unused["remasking"] = "ranks slots by entropy only"
+    reject_unused(params, "d3llm", **unused)
     settings = D3LLMSettings(
         threshold=params.threshold if params.threshold is not None else D3LLMSettings.threshold,
         block_length=params.effective_block_length(),
@@ -403,7 +415,6 @@ def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> Decodi
         remasking=params.remasking,
         early_stop=params.early_stop,
     )
-    variant = "dream" if model.shift_logits else "llada"
     return D3LLMMultiBlockPolicy(settings, variant, model.position_ids)
 
 

@@ -239,7 +239,16 @@ def settings_from_params(params: DecodingParams) -> DreamSettings:
 
 def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
     """Serving: Dream's samplers on any model; the shift follows the model (Dream: right shift)."""
+    reject_unused(params, "dream", remasking="picks positions with `alg`", factor="has no factor rule")
     return DreamPolicy(settings_from_params(params), model.position_ids, shift_logits=model.shift_logits)
+
+
+def reject_unused(params: DecodingParams, algorithm: str, **why: str) -> None:
+    """A setting the chosen decoder would silently ignore is a client mistake: name it."""
+    defaults = DecodingParams()
+    for name, reason in why.items():
+        if getattr(params, name) != getattr(defaults, name):
+            raise ValueError(f"{name}: not used by algorithm={algorithm!r} (it {reason})")
 
 
 #: keyword arguments of `diffusion_generate` that shape decoding; anything else is rejected so a
