@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from dllm_runtime.server import args as server_args
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     # kserve parses sys.argv when imported; hide our flags from it (`--model` would match its
     # `--model_name` by prefix) so kserve sees only defaults and everything comes from `settings`.
     sys.argv = sys.argv[:1]
+    # kserve 0.21 builds its app with FastAPI's deprecated ORJSONResponse; say it once, not per request
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     from kserve.model_server import app
 
     from dllm_runtime.server.app import register_routes

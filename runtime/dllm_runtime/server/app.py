@@ -2,8 +2,9 @@
 
 Starlette matches routes in order, so our `GET /v1/models` (OpenAI list) and `/v1/models/{name}`
 (OpenAI model object that doubles as KServe's v1 readiness: 200 only when ready) win over kserve's
-V1 handlers, while kserve keeps serving `/` (liveness), `/v2/models/{name}/ready`, `/v2/...` and
-`/metrics` (the default Prometheus registry, where our metrics live). The OpenAI API is mounted at
+V1 handlers, while kserve keeps serving `/` (liveness), the rest of `/v2/...` and
+`/metrics` (the default Prometheus registry, where our metrics live). `/v2/models/{name}/ready` is
+ours too, only to keep kserve from logging a traceback per probe while the model loads. The OpenAI API is mounted at
 `/v1` (vLLM's paths) and `/openai/v1` (KServe's OpenAI prefix).
 """
 
@@ -113,6 +114,14 @@ class Routes:
             body["error"] = Unavailable(f"model is not ready ({reason})", code="model_not_ready").body()["error"]
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    async def v2_model_ready(self, model_name: str) -> Response:
+        """KServe v2 model readiness, answered here so a loading model is a quiet 503 (kserve's own
+        handler logs a traceback on every probe until the weights are in)."""
+        if model_name != self.model.name:
+            raise NotFound(f"The model `{model_name}` does not exist.", param="model", code="model_not_found")
+        ready = await self.model.healthy()
+        return JSONResponse({"name": model_name, "ready": ready}, status_code=200 if ready else 503)
+
     # ---------------------------------------------------------------- health
     async def health(self) -> Response:
         """vLLM's /health: 200 while the engine can serve (draining included: liveness stays up)."""
@@ -131,5 +140,6 @@ def register_routes(app: FastAPI, model: DiffusionLMModel, serving: OpenAIServin
         app.add_api_route(f"{prefix}/chat/completions", routes.chat_completions, methods=["POST"])
         app.add_api_route(f"{prefix}/models", routes.list_models, methods=["GET"])
         app.add_api_route(f"{prefix}/models/{{model_name}}", routes.model_status, methods=["GET"])
+    app.add_api_route("/v2/models/{model_name}/ready", routes.v2_model_ready, methods=["GET"])
     app.add_api_route("/health", routes.health, methods=["GET"])
     return routes

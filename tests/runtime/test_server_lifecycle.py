@@ -1,0 +1,147 @@
+"""Server lifecycle on the real process: startup errors, readiness before/after the weights exist,
+queue limits (429), and SIGTERM draining (in-flight requests finish, new ones get 503, exit 0).
+
+The model folder starts empty and is filled while the server runs (`--model-wait-timeout`, the
+modelcar case), which makes "HTTP up, model not ready yet" deterministic instead of a race against
+a fast load. A tiny Dream model is used here so the Dream path (family-default decoder, ChatML
+template, shifted logits) is served end to end as well.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.helpers.tiny_models import make_tiny_model_dir
+from tests.runtime.server_process import REPO, ServerProcess
+
+NAME = "dream"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "dllm_runtime", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_missing_model_folder_exits_with_a_clear_message(tmp_path):
+    result = run_cli("--model", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "--model" in result.stderr and "not a folder" in result.stderr
+
+
+def test_invalid_env_value_names_the_variable():
+    result = run_cli(env={"DLLM_PORT": "eighty"})
+    assert result.returncode == 2 and "DLLM_PORT" in result.stderr
+
+
+def test_invalid_decoding_default_names_the_flag(tmp_path):
+    make_tiny_model_dir(tmp_path, arch="llada")
+    result = run_cli("--model", str(tmp_path), "--threshold", "3")
+    assert result.returncode == 2 and "--threshold" in result.stderr
+
+
+def _fill(folder, staging) -> None:
+    """Copy a model folder in, config.json last and atomically (what a copy/sidecar would do)."""
+    for f in staging.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, folder / f.name)
+    shutil.copy(staging / "config.json", folder / "config.json.tmp")
+    (folder / "config.json.tmp").rename(folder / "config.json")
+
+
+def _post(server, body, timeout=120.0) -> httpx.Response:
+    return httpx.post(server.base_url + "/v1/completions", json=body, timeout=timeout)
+
+
+def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
+    folder, staging = tmp_path / "model", tmp_path / "staging"
+    folder.mkdir()
+    make_tiny_model_dir(staging, arch="dream")
+    server = ServerProcess("--model", str(folder), "--model-wait-timeout", "300", "--served-model-name", NAME,
+                           "--max-num-seqs", "1", "--max-waiting", "1", "--grace-period", "60",
+                           "--retry-after", "3", log_path=tmp_path / "server.log")
+    try:
+        # ---- HTTP is up, the model is not: every readiness path says 503, liveness says 200
+        server.wait_live()
+        r = httpx.get(server.base_url + f"/v1/models/{NAME}")
+        assert r.status_code == 503 and r.json()["ready"] is False
+        assert httpx.get(server.base_url + f"/v2/models/{NAME}/ready").status_code == 503
+        assert httpx.get(server.base_url + "/health").status_code == 503
+        r = _post(server, {"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        assert r.headers["Retry-After"] == "3"
+
+        _fill(folder, staging)
+        server.wait_ready(NAME)
+        assert httpx.get(server.base_url + f"/v1/models/{NAME}").json()["ready"] is True
+        chat = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+        # ---- one running + one waiting fill the engine: the next request is a 429 with Retry-After
+        long = {"prompt": "tell me a story", "max_tokens": 24, "steps": 24}
+        results: dict[str, httpx.Response] = {}
+
+        def send(key: str) -> None:
+            results[key] = _post(server, long)
+
+        running = threading.Thread(target=send, args=("running",))
+        running.start()
+        server.wait_metric("vllm:num_requests_running", lambda v: v == 1)
+        waiting = threading.Thread(target=send, args=("waiting",))
+        waiting.start()
+        server.wait_metric("vllm:num_requests_waiting", lambda v: v == 1)
+        r = _post(server, {"prompt": "one more", "max_tokens": 2})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["type"] == "rate_limit_error" and r.headers["Retry-After"] == "3"
+        assert server.metric("dllm:request_errors_total", reason="queue_full") == 1
+
+        # ---- SIGTERM: stop admitting (503), let both in-flight requests finish, exit 0
+        server.proc.send_signal(15)
+        deadline = time.monotonic() + 30
+        while httpx.get(server.base_url + f"/v2/models/{NAME}/ready").status_code != 503:
+            assert time.monotonic() < deadline, "readiness did not drop after SIGTERM"
+            time.sleep(0.05)
+        r = _post(server, {"prompt": "too late", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(server.base_url + f"/v1/models/{NAME}").status_code == 503
+        assert httpx.get(server.base_url + "/").status_code == 200  # liveness holds while draining
+        running.join(120)
+        waiting.join(120)
+        for key in ("running", "waiting"):
+            assert results[key].status_code == 200, results[key].text
+            assert results[key].json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert server.proc.wait(60) == 0
+        assert "draining" in server.log()
+    finally:
+        server.terminate()
+
+
+@pytest.mark.parametrize("grace", ["0"])
+def test_sigterm_with_no_grace_aborts_in_flight(tmp_path, tiny_llada_dir, grace):
+    """With the grace period spent, in-flight requests end (finish_reason abort) and the exit is still 0."""
+    server = ServerProcess("--model", str(tiny_llada_dir), "--grace-period", grace, "--served-model-name", "m",
+                           log_path=tmp_path / "server.log")
+    try:
+        server.wait_ready("m")
+        result: dict[str, httpx.Response] = {}
+        body = {"prompt": "x", "max_tokens": 160, "steps": 160, "block_length": 1, "algorithm": "llada"}
+        t = threading.Thread(target=lambda: result.setdefault("r", _post(server, body)))
+        t.start()
+        server.wait_metric("vllm:num_requests_running", lambda v: v == 1)
+        server.proc.send_signal(15)
+        t.join(60)
+        assert result["r"].status_code == 200
+        assert result["r"].json()["choices"][0]["finish_reason"] == "abort"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.terminate()
