@@ -223,3 +223,37 @@ def test_settings_d3llm_would_ignore_are_rejected(model_name: str, changes: dict
     params = DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8, threshold=0.5, **changes)
     with pytest.raises(ValueError, match=f"^{field}: not used by algorithm='d3llm'"):
         build_policy(params, tiny_model(model_name))
+
+
+class RecordingRandomSource(RandomSource):
+    """Records every draw (function, shape, dtype) while drawing from the real generator."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.calls: list[tuple[str, tuple[int, ...], torch.dtype | None]] = []
+
+    def rand(self, shape, dtype, device):  # type: ignore[override]
+        self.calls.append(("rand", tuple(shape), dtype))
+        return super().rand(shape, dtype, device)
+
+    def multinomial(self, probs, num_samples, replacement=False):  # type: ignore[override]
+        self.calls.append(("multinomial", (*probs.shape[:-1], num_samples), None))
+        return super().multinomial(probs, num_samples, replacement)
+
+
+@pytest.mark.parametrize("variant", ["llada", "dream"])
+def test_sampling_draws_follow_the_reference_order(variant: str) -> None:
+    """ALGORITHMS.md §1.4, RNG at T > 0: LLaDA one float64 Gumbel `rand (1, L, V)` per forward (then the
+    float32 `rand (1, L)` of random remasking); Dream one `multinomial (L, 1)` per forward."""
+    model = tiny_model("llada_tiny" if variant == "llada" else "dream_tiny")
+    remasking = "random" if variant == "llada" else "low_confidence"
+    settings = D3LLMSettings(threshold=0.5, block_length=8, temperature=0.7, remasking=remasking)
+    policy = D3LLMMultiBlockPolicy(settings, variant, model.position_ids)
+    seq = _seq(4, 16)
+    seq.rng = RecordingRandomSource(1)
+    run_to_completion(model, [(seq, policy)])
+    length, vocab = seq.length, model.vocab_size
+    per_forward = ([("rand", (1, length, vocab), torch.float64), ("rand", (1, length), torch.float32)]
+                   if variant == "llada" else [("multinomial", (length, 1), None)])
+    assert seq.rng.calls == per_forward * seq.nfe
+    assert not (seq.canvas == MASK).any()
