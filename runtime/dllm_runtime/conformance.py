@@ -124,6 +124,8 @@ class ForwardRecord:
     logits: torch.Tensor | None
     #: (N, T) bool, False = left pad (None: no padding); pad queries' logits are never read
     valid: torch.Tensor | None = None
+    #: reference row j is our row order[j] (set by the trace comparison)
+    order: list[int] | None = None
 
 
 class RecordingModel:
@@ -446,13 +448,35 @@ def _compare_trace(records: list[ForwardRecord], trace: list[dict[str, Any]], pr
             shapes = [tuple(r.shape) for r in got_rows]
             problems.append(f"forward {i}: input rows {shapes} != {tuple(want.shape)}")
             return
-        if not torch.equal(torch.stack(got_rows), want):
+        order = _row_order(torch.stack(got_rows), want)
+        if order is None:
             problems.append(f"forward {i}: input_ids differ")
             return
+        rec.order = order
         problem = _window_problem(rec, entry)
         if problem:
             problems.append(f"forward {i}: {problem}")
             return
+
+
+def _row_order(got: torch.Tensor, want: torch.Tensor) -> list[int] | None:
+    """`order` with `got[order[j]] == want[j]`, identity first; None if the rows differ as a multiset.
+
+    Rows of one forward are independent, so only their order may differ from the reference: a batched
+    CFG call stacks `[x_0 .. x_B-1; u_0 .. u_B-1]`, our step loop keeps each sequence's two rows
+    together (`[x_0; u_0; x_1; u_1 ...]`).
+    """
+    if torch.equal(got, want):
+        return list(range(want.shape[0]))
+    free = list(range(got.shape[0]))
+    order = []
+    for row in want:
+        match = next((g for g in free if torch.equal(got[g], row)), None)
+        if match is None:
+            return None
+        free.remove(match)
+        order.append(match)
+    return order
 
 
 def _window_problem(rec: ForwardRecord, entry: dict[str, Any]) -> str | None:
@@ -497,7 +521,8 @@ def _compare_logits(
         if key is None or key not in tensors or rec.logits is None:
             continue
         want = tensors[key].float()
-        got = rec.logits[:, : want.shape[1]]
+        order = rec.order or list(range(rec.logits.shape[0]))
+        got = rec.logits[order, : want.shape[1]]
         if got.shape != want.shape:
             problems.append(f"forward {i}: logits shape {tuple(got.shape)} != {tuple(want.shape)}")
             return worst
@@ -505,7 +530,7 @@ def _compare_logits(
         # reference's mask form (Dream's 2-D bool mask vs a key mask), not on the model
         compared = torch.ones(want.shape[:2], dtype=torch.bool)
         if rec.valid is not None:
-            compared = rec.valid[:, : want.shape[1]].clone()
+            compared = rec.valid[order, : want.shape[1]].clone()
         want, got = want[compared], got[compared]
         finite = torch.isfinite(want)
         if not torch.equal(finite, torch.isfinite(got)):

@@ -288,3 +288,79 @@ def test_runner_replays_a_batched_fast_dllm_call(tmp_path: Path, provider) -> No
     # is already complete, so an unchanged row after some forward proves it waited for the other
     changed = [[bool((t[r] != n[r]).any()) for t, n in zip(trace, trace[1:] + [output])] for r in range(2)]
     assert not all(changed[0]) or not all(changed[1])
+
+
+def _oracle_llada_cfg_generate(model, prompt, attention_mask, block: int, cfg: float, temperature: float):  # type: ignore[no-untyped-def]
+    """Test oracle: ALGORITHMS.md §1.1 `generate` for B left-padded rows with CFG, written out
+    directly: one forward over `[x; x with prompt masked]`, quota per row, float64 Gumbel on the
+    guided logits, softmax in the logits' dtype, topk over full rows."""
+    from dllm_runtime.models.attention import KeyMaskAttention
+
+    mask_id, gen, steps = 250, 2 * block, 4
+    rows, lp = prompt.shape
+    x = torch.cat([prompt, torch.full((rows, gen), mask_id)], dim=1)
+    valid = torch.cat([attention_mask.bool(), torch.ones(rows, gen, dtype=torch.bool)], dim=1)
+    prompt_index = x != mask_id
+    positions = torch.arange(x.shape[1]).expand(2 * rows, -1)
+    spb, trace = steps // 2, []
+    for b in range(2):
+        lo, hi = lp + b * block, lp + (b + 1) * block
+        counts = [int(n) for n in (x[:, lo:hi] == mask_id).sum(1)]
+        quotas = [[n // spb + (1 if i < n % spb else 0) for i in range(spb)] for n in counts]
+        for i in range(spb):
+            masked = x == mask_id
+            unconditional = x.clone()
+            unconditional[prompt_index] = mask_id
+            both = torch.cat([x, unconditional])
+            trace.append(both.clone())
+            with torch.inference_mode():
+                out = model(both, positions, KeyMaskAttention(torch.cat([valid, valid])))
+            cond, uncond = out.chunk(2)
+            logits = uncond + (cfg + 1) * (cond - uncond)
+            noisy = logits
+            if temperature > 0:
+                noise = torch.rand_like(logits, dtype=torch.float64)
+                noisy = logits.to(torch.float64).exp() / (-torch.log(noise)) ** temperature
+            x0 = noisy.argmax(-1)
+            p = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            p[:, hi:] = -torch.inf
+            x0 = torch.where(masked, x0, x)
+            conf = torch.where(masked, p, -torch.inf)
+            for j in range(rows):
+                idx = torch.topk(conf[j], quotas[j][i]).indices
+                x[j, idx] = x0[j, idx]
+    return x, trace
+
+
+def test_runner_replays_a_batched_llada_cfg_call(tmp_path: Path, provider) -> None:
+    """B = 2, left padding, CFG (reference row order [x0, x1, u0, u1]) and shared Gumbel draws."""
+    model = provider(LLADA_FILE, LLADA_CASES["llada_lowconf_semiar_t0"], case_special_ids({}, LLADA_FILE))
+    prompt = torch.tensor([[248, 17, 99, 3, 42, 120, 7, 230], [251, 251, 251, 248, 55, 66, 77, 88]])
+    attention_mask = torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
+    torch.manual_seed(11)
+    output, trace = _oracle_llada_cfg_generate(model, prompt, attention_mask, block=8, cfg=1.0, temperature=0.8)
+    case = {
+        "name": "synthetic_llada_cfg_batch2_leftpad_temp0.8",
+        "reference": "ML-GSAI/LLaDA generate.py::generate (HEAD b7e6c35)",
+        "model": "llada_tiny",
+        "seed_before_call": 11,
+        "prompt": prompt.tolist(),
+        "kwargs": {
+            "attention_mask": attention_mask.tolist(),
+            "steps": 4,
+            "gen_length": 16,
+            "block_length": 8,
+            "temperature": 0.8,
+            "cfg_scale": 1.0,
+            "mask_id": 250,
+        },
+        "output": output.tolist(),
+        "nfe": len(trace),
+        "trace": [{"input_ids": t.tolist()} for t in trace],
+    }
+    for name in ("llada_tiny.safetensors", "llada_tiny_config.json"):
+        (tmp_path / name).symlink_to(GOLDEN / name)
+    doc = {"special_ids": LLADA_FILE.doc["special_ids"], "cases": [case]}
+    (tmp_path / "synthetic_golden.json").write_text(json.dumps(doc))
+    [result] = run_directory(tmp_path, ConformanceOptions())
+    assert result.passed, result.line()
