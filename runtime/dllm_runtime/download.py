@@ -27,9 +27,11 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -83,43 +85,51 @@ class DownloadSpec:
     retry_backoff_s: float = 2.0
     progress_interval_s: float = 2.0
     timeout_s: float = 60.0
+    max_workers: int = 4
 
 
-@dataclass
 class Progress:
-    """Aggregate progress over all selected files; emits throttled `progress` events."""
+    """Aggregate progress over all selected files (thread-safe); emits throttled `progress` events."""
 
-    emit: Callable[[dict[str, Any]], None]
-    interval_s: float
-    bytes_total: int = 0
-    files_total: int = 0
-    bytes_done: int = 0
-    files_done: int = 0
-    current: int = 0  # bytes of the file in flight
-    _last: float = field(default=0.0, repr=False)
+    def __init__(self, emit: Callable[[dict[str, Any]], None], interval_s: float) -> None:
+        self.emit = emit
+        self.interval_s = interval_s
+        self.bytes_total = 0
+        self.files_total = 0
+        self.bytes_done = 0  # bytes of completed files
+        self.files_done = 0
+        self._in_flight: dict[str, int] = {}  # file name -> bytes so far
+        self._last = 0.0
+        self._lock = threading.Lock()
 
     def event(self) -> dict[str, Any]:
+        with self._lock:
+            return self._event()
+
+    def _event(self) -> dict[str, Any]:
         return {
             "event": "progress",
-            "bytes_done": self.bytes_done + self.current,
+            "bytes_done": self.bytes_done + sum(self._in_flight.values()),
             "bytes_total": self.bytes_total,
             "files_done": self.files_done,
             "files_total": self.files_total,
         }
 
-    def file_bytes(self, n: int) -> None:
-        self.current = n
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            self.emit(self.event())
+    def file_bytes(self, name: str, n: int) -> None:
+        with self._lock:  # emitting under the lock keeps the printed events in order
+            self._in_flight[name] = n
+            now = time.monotonic()
+            if now - self._last >= self.interval_s:
+                self._last = now
+                self.emit(self._event())
 
-    def file_done(self, size: int) -> None:
-        self.bytes_done += size
-        self.files_done += 1
-        self.current = 0
-        self._last = time.monotonic()
-        self.emit(self.event())
+    def file_done(self, name: str, size: int) -> None:
+        with self._lock:
+            self._in_flight.pop(name, None)
+            self.bytes_done += size
+            self.files_done += 1
+            self._last = time.monotonic()
+            self.emit(self._event())
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,7 @@ class Downloader:
         self.spec = spec
         self.emit = emit
         self.progress = Progress(emit, spec.progress_interval_s)
+        self._stop = threading.Event()
 
     def run(self) -> dict[str, Any]:
         spec = self.spec
@@ -225,9 +236,7 @@ class Downloader:
         self.progress.bytes_total = sum(f.size for f in files)
         self._check_space(files)
         self.emit({**self.progress.event(), "revision": commit})
-        for remote in files:
-            self._retrying(lambda r=remote: self._fetch(commit, r))
-            self.progress.file_done(remote.size)
+        self._fetch_all(commit, files)
         result = {
             "event": "done",
             "repo_id": spec.repo_id,
@@ -238,6 +247,28 @@ class Downloader:
         }
         _atomic_write(spec.output / MARKER_FILE, json.dumps({**result, "file_list": [f.name for f in files]}, indent=2))
         return result
+
+    def _fetch_all(self, commit: str, files: list[RemoteFile]) -> None:
+        """Fetch files on `max_workers` threads, largest first; the first failure stops the rest."""
+
+        def one(remote: RemoteFile) -> None:
+            if self._stop.is_set():
+                return
+            self._retrying(lambda: self._fetch(commit, remote))
+            self.progress.file_done(remote.name, remote.size)
+
+        ordered = sorted(files, key=lambda f: -f.size)  # shards first: they bound the total time
+        workers = max(1, min(self.spec.max_workers, len(ordered)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+            futures = [pool.submit(one, f) for f in ordered]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                self._stop.set()  # in-flight transfers stop at their next chunk; queued ones never start
+                for future in futures:
+                    future.cancel()
+                raise
 
     def _resolve(self) -> tuple[str, list[RemoteFile]]:
         from huggingface_hub import HfApi
@@ -276,7 +307,6 @@ class Downloader:
 
         final, part = self._paths(f)
         if final.is_file() and final.stat().st_size == f.size:
-            self.progress.file_bytes(f.size)
             return
         part.parent.mkdir(parents=True, exist_ok=True)
         offset = part.stat().st_size if part.is_file() else 0
@@ -303,11 +333,13 @@ class Downloader:
                         out.seek(offset)
                         out.truncate()
                         done = offset
-                        self.progress.file_bytes(done)
+                        self.progress.file_bytes(f.name, done)
                         for chunk in response.iter_bytes():  # as received: a drop loses nothing written
+                            if self._stop.is_set():
+                                raise DownloadError("Unknown", "stopped: another file failed")
                             out.write(chunk)
                             done += len(chunk)
-                            self.progress.file_bytes(done)
+                            self.progress.file_bytes(f.name, done)
         self._verify(f, part)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
@@ -337,7 +369,7 @@ class Downloader:
                 return fn()
             except Exception as exc:  # classified below; KeyboardInterrupt/SystemExit pass through
                 err = classify(exc)
-                if err.reason != "Network" or attempt >= self.spec.max_retries:
+                if err.reason != "Network" or attempt >= self.spec.max_retries or self._stop.is_set():
                     raise err from exc
                 attempt += 1
                 self.emit({"event": "retry", "attempt": attempt, "reason": err.reason, "message": str(err)})
@@ -362,16 +394,18 @@ class EventWriter:
     def __init__(self, stream: TextIO = sys.stdout, progress_file: Path | None = None) -> None:
         self.stream = stream
         self.progress_file = progress_file
+        self._lock = threading.Lock()  # download threads emit concurrently
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":"))
-        self.stream.write(line + "\n")
-        self.stream.flush()
-        if self.progress_file is not None:
-            try:
-                _atomic_write(self.progress_file, line + "\n")
-            except OSError:
-                pass  # progress reporting must never fail the download itself
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            if self.progress_file is not None:
+                try:
+                    _atomic_write(self.progress_file, line + "\n")
+                except OSError:
+                    pass  # progress reporting must never fail the download itself
 
 
 def write_termination_log(path: Path | None, event: dict[str, Any]) -> None:

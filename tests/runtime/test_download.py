@@ -20,8 +20,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from dllm_runtime.download import DEFAULT_ALLOW_PATTERNS, DownloadError, RemoteFile, classify, select_files
+from dllm_runtime.models import load_model
+from tests.helpers.tiny_models import make_tiny_model_dir
 
 REPO = "acme/tiny-llada"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -35,6 +38,8 @@ class FakeRepo:
     gated: bool = False
     #: file name → number of bytes after which the first GET is cut off (connection closed)
     cut_after: dict[str, int] = field(default_factory=dict)
+    #: listed by the API but 404 on download (a file deleted between listing and fetching)
+    vanished: set[str] = field(default_factory=set)
 
 
 class FakeHub:
@@ -126,7 +131,7 @@ class FakeHub:
             return self._error(h, 401, "RepoNotFound", head)
         if rev not in ("main", COMMIT):
             return self._error(h, 404, "RevisionNotFound", head)
-        if name not in repo.files:
+        if name not in repo.files or name in repo.vanished:
             return self._error(h, 404, "EntryNotFound", head)
         data = repo.files[name]
         headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
@@ -248,6 +253,36 @@ def test_in_process_retry_continues_and_sha256_is_checked(hub, tmp_path):
     assert rc == 0, events
     assert "sha256 mismatch" in next(e["message"] for e in events if e["event"] == "retry")
     assert (out / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_sharded_repo_downloads_in_parallel_and_loads(hub, tmp_path):
+    """A real tiny checkpoint, sharded, fetched with 3 workers, then loaded by the model loader."""
+    src = make_tiny_model_dir(tmp_path / "src", arch="llada", n_layers=1)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names, weight_map = sorted(state), {}
+    for i in range(3):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: state[k] for k in names[i::3]}, str(src / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names[i::3]})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hub.repos[REPO] = FakeRepo({p.name: p.read_bytes() for p in src.iterdir() if p.is_file()})
+
+    rc, events, out = _run(hub, tmp_path, "--max-workers", "3")
+    assert rc == 0, events
+    assert events[-1]["files"] == len(hub.repos[REPO].files)
+    progress = [e["bytes_done"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress), "parallel workers must still report monotonic progress"
+    model = load_model(out)
+    assert model.num_layers == 1 and model.special_ids.mask == 126336
+
+
+def test_file_vanishing_after_listing_fails_the_download(hub, tmp_path):
+    files = _tiny_repo_files()
+    hub.repos[REPO] = FakeRepo(files, vanished={"tokenizer.json"})
+    rc, events, out = _run(hub, tmp_path, "--max-workers", "2")
+    assert rc == 4 and events[-1]["reason"] == "NotFound" and "tokenizer.json" in events[-1]["message"]
+    assert not (out / ".dllm-download.json").exists(), "no completion marker after a failure"
 
 
 def test_private_repo_without_token_is_unauthorized(hub, tmp_path):

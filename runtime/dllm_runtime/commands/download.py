@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries of network errors per step (default 3)")
     parser.add_argument("--retry-backoff", type=_non_negative_float, default=2.0, help="seconds × attempt between retries (default 2)")
     parser.add_argument(
+        "--max-workers", type=_positive_int, default=4, help="files downloaded in parallel (default 4)"
+    )
+    parser.add_argument(
         "--progress-interval", type=_non_negative_float, default=2.0, help="seconds between progress lines (default 2)"
     )
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         retry_backoff_s=args.retry_backoff,
         progress_interval_s=args.progress_interval,
+        max_workers=args.max_workers,
     )
     return download(spec, emit, termination_log=args.termination_log)
 
@@ -84,6 +88,13 @@ def _non_negative_int(value: str) -> int:
     n = int(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return n
 
 
