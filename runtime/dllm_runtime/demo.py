@@ -20,7 +20,11 @@ class DemoModelMissingError(FileNotFoundError):
 
 def demo_model_path() -> Path:
     """Folder of the built-in demo model; raises `DemoModelMissingError` naming the missing files."""
-    folder = Path(__file__).resolve().parent / "demo_model"
+    return check_model_folder(Path(__file__).resolve().parent / "demo_model")
+
+
+def check_model_folder(folder: Path) -> Path:
+    """`folder` if it holds every file of `REQUIRED_FILES`, else `DemoModelMissingError`."""
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise DemoModelMissingError(
