@@ -391,8 +391,8 @@ def _atomic_write(path: Path, text: str) -> None:
 class EventWriter:
     """JSON lines to a stream; the latest event also replaces `progress_file` (if given)."""
 
-    def __init__(self, stream: TextIO = sys.stdout, progress_file: Path | None = None) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, progress_file: Path | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
         self.progress_file = progress_file
         self._lock = threading.Lock()  # download threads emit concurrently
 

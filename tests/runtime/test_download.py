@@ -9,19 +9,23 @@ process under test: it is the installed console script talking HTTP.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 from urllib.parse import unquote, urlsplit
 
 import pytest
 from safetensors.torch import load_file, save_file
 
+from dllm_runtime.cli import main
 from dllm_runtime.download import DEFAULT_ALLOW_PATTERNS, DownloadError, RemoteFile, classify, select_files
 from dllm_runtime.models import load_model
 from tests.helpers.tiny_models import make_tiny_model_dir
@@ -177,26 +181,44 @@ def _tiny_repo_files() -> dict[str, bytes]:
     }
 
 
-def _run(hub: FakeHub, tmp_path: Path, *args: str, token: str | None = None) -> tuple[int, list[dict], Path]:
+def _run(
+    hub: FakeHub, tmp_path: Path, *args: str, token: str | None = None, subprocess_: bool = False
+) -> tuple[int, list[dict], Path]:
+    """Run `dllm-serve download` against `hub`.
+
+    `subprocess_=True` runs the console entry point in a fresh interpreter with `HF_ENDPOINT` set
+    (what a Job pod does); otherwise the same CLI runs in this process with `--endpoint` (faster:
+    the 2-core CI box pays ~2 s per interpreter start).
+    """
     out = tmp_path / "model"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.update({"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"})
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     if token:
         env["HF_TOKEN"] = token
-    cmd = [sys.executable, "-c", "import sys; from dllm_runtime.cli import main; sys.exit(main())", "download"]
-    cmd += ["--repo-id", REPO, "--output", str(out), "--retry-backoff", "0", "--progress-interval", "0", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert events, f"no JSON events; stderr:\n{proc.stderr[-2000:]}"
-    return proc.returncode, events, out
+    argv = ["download", "--repo-id", REPO, "--output", str(out), "--retry-backoff", "0", "--progress-interval", "0", *args]
+    if subprocess_:
+        env["HF_ENDPOINT"] = hub.url
+        cmd = [sys.executable, "-c", "import sys; from dllm_runtime.cli import main; sys.exit(main())", *argv]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        buf, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(buf), redirect_stderr(err):
+            rc = main([*argv, "--endpoint", hub.url])
+        stdout, stderr = buf.getvalue(), err.getvalue()
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert events, f"no JSON events; stderr:\n{stderr[-2000:]}"
+    return rc, events, out
 
 
 def test_successful_download_selects_runtime_files_and_reports_progress(hub, tmp_path):
     files = _tiny_repo_files()
     hub.repos[REPO] = FakeRepo(files)
     progress_file, term = tmp_path / "progress.json", tmp_path / "termination-log"
-    rc, events, out = _run(hub, tmp_path, "--progress-file", str(progress_file), "--termination-log", str(term))
+    rc, events, out = _run(
+        hub, tmp_path, "--progress-file", str(progress_file), "--termination-log", str(term), subprocess_=True
+    )
     assert rc == 0, events
     wanted = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     for name in wanted:
@@ -227,10 +249,10 @@ def test_interrupted_download_resumes_in_a_new_process(hub, tmp_path):
     cut = 200_000
     hub.repos[REPO] = FakeRepo(files, cut_after={"model.safetensors": cut})
     args = ("--allow-pattern", "*.safetensors", "--allow-pattern", "config.json", "--max-retries", "0")
-    rc, events, out = _run(hub, tmp_path, *args)
+    rc, events, out = _run(hub, tmp_path, *args, subprocess_=True)
     assert rc == 1 and events[-1]["reason"] == "Network", events
     assert not (out / "model.safetensors").exists(), "an incomplete file must never appear under its final name"
-    rc, events, out = _run(hub, tmp_path, *args)
+    rc, events, out = _run(hub, tmp_path, *args, subprocess_=True)
     assert rc == 0, events
     assert (out / "model.safetensors").read_bytes() == files["model.safetensors"]
     gets = [r for r in hub.requests if r[0] == "GET" and r[1].endswith("model.safetensors")]
@@ -288,7 +310,7 @@ def test_file_vanishing_after_listing_fails_the_download(hub, tmp_path):
 def test_private_repo_without_token_is_unauthorized(hub, tmp_path):
     hub.repos[REPO] = FakeRepo(_tiny_repo_files(), private=True)
     term = tmp_path / "termination-log"
-    rc, events, _ = _run(hub, tmp_path, "--termination-log", str(term))
+    rc, events, _ = _run(hub, tmp_path, "--termination-log", str(term), subprocess_=True)
     assert rc == 3
     assert events[-1]["event"] == "error" and events[-1]["reason"] == "Unauthorized"
     assert json.loads(term.read_text())["reason"] == "Unauthorized"
