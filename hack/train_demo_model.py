@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from demo_model_card import render  # hack/demo_model_card.py, next to this script
+
+    (out / "README.md").write_text(render(out))
     log(f"done in {fmt_s(time.time() - t_start)}: {out}")
     return 0
 
