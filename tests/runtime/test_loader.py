@@ -112,6 +112,17 @@ def test_unknown_model_type_names_config(golden_dir):
         load_model(golden_dir)
 
 
+def test_model_type_falls_back_to_architectures(golden_dir):
+    cfg = json.loads((golden_dir / "config.json").read_text())
+    del cfg["model_type"]
+    (golden_dir / "config.json").write_text(json.dumps(cfg))
+    assert isinstance(load_model(golden_dir), LLaDAModel)
+    cfg["architectures"] = ["SomethingElse"]
+    (golden_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unknown model_type ''"):
+        load_model(golden_dir)
+
+
 def test_unsupported_architecture_option_is_rejected(golden_dir):
     cfg = json.loads((golden_dir / "config.json").read_text())
     cfg["alibi"] = True

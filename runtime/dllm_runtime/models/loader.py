@@ -28,6 +28,9 @@ ARCHITECTURES: dict[str, tuple[Any, type[DiffusionModel]]] = {
     "dream": (DreamConfig, DreamModel),
 }
 
+#: `architectures[0]` → model_type, for exports that dropped `model_type`.
+_ARCH_CLASSES = {"LLaDAModelLM": "llada", "DreamModel": "Dream"}
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -127,7 +130,7 @@ def load_model_files(
     target_device = _parse_device(device)
     requested = parse_dtype(dtype)
 
-    model_type = str(cfg.get("model_type", ""))
+    model_type = str(cfg.get("model_type") or _ARCH_CLASSES.get(next(iter(cfg.get("architectures") or []), ""), ""))
     if model_type.lower() not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ModelLoadError(f"{config_path}: unknown model_type {model_type!r} (supported: {supported})")
