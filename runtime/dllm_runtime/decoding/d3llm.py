@@ -33,6 +33,7 @@ from dllm_runtime.decoding.dream import (
     canvas_positions,
     dream_position_ids,
     shift_right,
+    source_rows,
 )
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.primitives import gumbel
@@ -138,7 +139,7 @@ class D3LLMBlockwisePolicy(DecodingPolicy):
         if self.variant == "llada":
             x0, transfer = _llada_entropy_transfer(seq, logits, eligible, self.settings)
         else:
-            x0, transfer = self._dream_transfer(seq, shift_right(logits), eligible, lo, hi)
+            x0, transfer = self._dream_transfer(seq, logits, eligible, lo, hi)
         x[transfer] = x0[transfer]
         if not bool((x[:, lo:hi] == seq.special.mask).any()):
             seq.state["block"] += 1
@@ -146,9 +147,9 @@ class D3LLMBlockwisePolicy(DecodingPolicy):
     def _dream_transfer(
         self, seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, lo: int, hi: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dream `_sample`: entropy in the logits' dtype over the eligible rows, strict `<`."""
+        """Dream `_sample` on raw logits: entropy in the logits' dtype over the eligible rows, strict `<`."""
         cfg, x, mask_id = self.settings, seq.canvas, seq.special.mask
-        rows = logits[eligible]
+        rows = logits[0, source_rows(eligible[0].nonzero().squeeze(1), shift=True)]
         probs = torch.softmax(rows, dim=-1)
         entropy = -torch.sum(probs * torch.log(probs + 1e-8), dim=-1)
         if cfg.temperature == 0:
@@ -354,16 +355,16 @@ class D3LLMMultiBlockPolicy(DecodingPolicy):
             # float64 entropy and argmax only where a slot can be committed (the reference computes
             # them for the whole canvas); at T > 0 every position is sampled, as the reference's one
             # `multinomial (L, 1)` draw does, so the RNG stream stays the same
-            logits = shift_right(logits)
             slots = eligible[0].nonzero().squeeze(1)
+            rows = logits[0, source_rows(slots, shift=True)]  # == shift_right(logits)[0, slots]
             entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
-            entropy[0, slots] = entropy_f64(logits[0, slots])
+            entropy[0, slots] = entropy_f64(rows)
             if cfg.temperature > 0:
-                probs = F.softmax(logits / cfg.temperature, dim=-1)
+                probs = F.softmax(shift_right(logits) / cfg.temperature, dim=-1)
                 x0 = seq.rng.multinomial(probs.view(-1, probs.shape[-1]), 1).view(x.shape)
             else:
                 x0 = x.clone()
-                x0[0, slots] = torch.argmax(logits[0, slots], dim=-1)
+                x0[0, slots] = torch.argmax(rows, dim=-1)
             transfer = (entropy < cfg.threshold) & eligible
 
         forced = next((b for b in st.blocks[1:] if b.active and b.mask_count > 0), None)
