@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import torch
 
@@ -38,7 +38,12 @@ from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats,
 from dllm_runtime.engine.step import run_step
 from dllm_runtime.models.base import DiffusionModel
 
+if TYPE_CHECKING:
+    from dllm_runtime.decoding.params import DecodingParams
+
 logger = logging.getLogger(__name__)
+
+PolicyFactory = Callable[["DecodingParams", DiffusionModel], DecodingPolicy]
 
 _NEW, _RUNNING, _DRAINING, _STOPPED = "new", "running", "draining", "stopped"
 
@@ -74,12 +79,17 @@ class AsyncEngine:
         tokenizer: Any,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
+        *,
+        policy_factory: PolicyFactory | None = None,
     ) -> None:
+        """`policy_factory(params, model)` defaults to `decoding.registry.build_policy` (a seam for
+        custom decoders and for tests that inject a failing policy)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.config.validate()
         self.observer = observer
+        self._policy_factory = policy_factory
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self._element_size = param.element_size() if param is not None else 4
@@ -216,8 +226,6 @@ class AsyncEngine:
         footprint = Footprint(rows=rows, canvas=canvas_len, cache_bytes=cache)
         self._scheduler.check_fits(footprint)
 
-        from dllm_runtime.decoding.registry import build_policy  # decoders register lazily
-
         special = self.model.special_ids
         canvas = torch.full((1, canvas_len), special.mask, dtype=torch.long, device=self.device)
         canvas[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -228,7 +236,10 @@ class AsyncEngine:
             rng=RandomSource(params.seed, self.device),
         )
         try:
-            policy = build_policy(params, self.model)
+            factory = self._policy_factory
+            if factory is None:
+                from dllm_runtime.decoding.registry import build_policy as factory  # decoders load lazily
+            policy = factory(params, self.model)
             policy.init(seq)
         except ValueError as exc:
             raise RequestValidationError(str(exc), _param_of(exc)) from None
@@ -284,6 +295,8 @@ class AsyncEngine:
         try:
             while self._loop_once():
                 pass
+            with self._lock:
+                self._state = _STOPPED
         except BaseException:  # a bug in the engine itself: fail everything loudly, never hang clients
             logger.exception("engine worker crashed")
             self._abort_all("error", "internal engine error")
