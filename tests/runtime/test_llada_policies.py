@@ -23,6 +23,7 @@ from dllm_runtime.decoding.primitives import (
     gumbel,
     quota,
     transfer_fixed_or_threshold,
+    truncate,
 )
 from dllm_runtime.decoding.registry import (
     build_policy,
@@ -119,6 +120,24 @@ def test_threshold_transfer_commits_at_least_one_masked_token() -> None:
     assert int(none.sum()) == 0
 
 
+def test_truncate_keeps_top_k_and_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(truncate(logits, 2, None)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(truncate(logits, None, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(truncate(logits, None, 0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(truncate(logits, None, 0.1)).tolist() == [[True, False, False, False]]
+    assert torch.equal(truncate(logits, None, None), logits)
+
+
+def test_top_k_one_at_any_temperature_is_greedy() -> None:
+    """Sampling from the single most likely token: the T = 0 reference output, via the serving path."""
+    case = golden_case("fastdllm_threshold0.9_t0")
+    params = DecodingParams(max_tokens=32, block_length=8, steps=32, temperature=1.3, top_k=1, seed=5).validate()
+    seq = new_seq(case["prompt"][0], params.generation_slots(), seed=params.seed)
+    run_to_completion(tiny_llada(), [(seq, build_policy(params, tiny_llada()))])
+    assert seq.canvas[0].tolist() == case["output"][0] and seq.nfe == case["nfe"]
+
+
 # ---------------------------------------------------------------------------- DecodingParams
 @pytest.mark.parametrize(
     "changes, field",
@@ -139,8 +158,8 @@ def test_threshold_transfer_commits_at_least_one_masked_token() -> None:
         (dict(algorithm="llada", cache="prefix"), "cache"),
         (dict(cfg_scale=-1.0), "cfg_scale"),
         (dict(algorithm="fast_dllm", cfg_scale=1.0), "cfg_scale"),
-        (dict(top_p=0.9), "top_p"),
-        (dict(top_k=5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
         (dict(seed=-1), "seed"),
         (dict(alg="greedy"), "alg"),
     ],

@@ -30,6 +30,8 @@ from dllm_runtime.decoding.llada import (
     check_blocks,
     reference_kwargs,
     require_unshifted,
+    sampling_top_k,
+    sampling_top_p,
 )
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.primitives import (
@@ -56,6 +58,9 @@ class FastDLLMConfig:
     threshold: float | None = None
     factor: float | None = None
     cache: str = "none"
+    #: serving-only sampling filters at T > 0 (no upstream equivalent; None = off)
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 class FastDLLMPolicy(DecodingPolicy):
@@ -149,7 +154,9 @@ class FastDLLMPolicy(DecodingPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         if cfg.factor is not None:
-            return transfer_factor(logits, cfg.temperature, cfg.remasking, mask, window, cfg.factor, seq.rng)
+            return transfer_factor(
+                logits, cfg.temperature, cfg.remasking, mask, window, cfg.factor, seq.rng, cfg.top_k, cfg.top_p
+            )
         k = None
         if cfg.threshold is None:
             budget = seq.state["quota"]
@@ -157,7 +164,7 @@ class FastDLLMPolicy(DecodingPolicy):
             # reached by the reference) take every remaining mask so the loop cannot stall
             k = [budget[step]] if step < len(budget) else [int(mask.sum())]
         return transfer_fixed_or_threshold(
-            logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng
+            logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng, cfg.top_k, cfg.top_p
         )
 
     def _block_span(self, seq: Sequence) -> tuple[int, int]:
@@ -178,6 +185,8 @@ def from_params(params: DecodingParams, model: DiffusionModel) -> FastDLLMPolicy
         threshold=None if factor is not None else params.threshold,
         factor=factor,
         cache=params.cache,
+        top_k=sampling_top_k(params),
+        top_p=sampling_top_p(params),
     )
     return FastDLLMPolicy(config, model.position_ids)
 

@@ -49,6 +49,9 @@ class LLaDAConfig:
     remasking: str = "low_confidence"
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    #: serving-only sampling filters at T > 0 (no upstream equivalent; None = off)
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 def check_blocks(gen_length: int, block_length: int, steps: int) -> tuple[int, int]:
@@ -117,7 +120,9 @@ class LLaDAPolicy(DecodingPolicy):
         selected = logits[candidates]  # (n, V), a copy: the in-place edits below stay local
         if cfg.logits_eos_inf:
             selected[:, special.eos] = -torch.inf
-        x0_sel = gumbel_argmax(selected, cfg.temperature, seq.rng, tuple(logits.shape), candidates)
+        x0_sel = gumbel_argmax(
+            selected, cfg.temperature, seq.rng, tuple(logits.shape), candidates, cfg.top_k, cfg.top_p
+        )
         if cfg.confidence_eos_eot_inf:
             # after the argmax, as upstream. At T == 0 the Gumbel output IS the logits tensor, so both
             # EOS and EoT lose their probability mass; at T > 0 only EoT does (EOS hits the noisy copy)
@@ -154,8 +159,20 @@ def from_params(params: DecodingParams, model: DiffusionModel) -> LLaDAPolicy:
         remasking=params.remasking,
         logits_eos_inf=params.logits_eos_inf,
         confidence_eos_eot_inf=params.confidence_eos_eot_inf,
+        top_k=sampling_top_k(params),
+        top_p=sampling_top_p(params),
     )
     return LLaDAPolicy(config, model.position_ids)
+
+
+def sampling_top_k(params: DecodingParams) -> int | None:
+    """`top_k` as a filter, or None when it is off (unset or 0, as in vLLM)."""
+    return params.top_k if params.top_k else None
+
+
+def sampling_top_p(params: DecodingParams) -> float | None:
+    """`top_p` as a filter, or None when it is off (unset or 1)."""
+    return params.top_p if params.top_p is not None and params.top_p < 1 else None
 
 
 def require_unshifted(model: DiffusionModel, algorithm: str) -> None:

@@ -149,18 +149,6 @@ class DecodingParams:
                 f"must be an integer in [0, 2**63), got {self.seed!r}",
             )
         if self.algorithm in ("llada", "fast_dllm"):
-            # the LLaDA-family samplers draw Gumbel noise over the full vocabulary: silently ignoring
-            # a truncation the client asked for would be worse than refusing it
-            _check(
-                self.top_p is None or self.top_p == 1,
-                "top_p",
-                f"nucleus sampling is not supported by algorithm={self.algorithm!r} (leave unset or 1.0)",
-            )
-            _check(
-                self.top_k is None or self.top_k == 0,
-                "top_k",
-                f"top-k sampling is not supported by algorithm={self.algorithm!r} (leave unset or 0)",
-            )
             self._validate_blocks()
         return self
 

@@ -27,12 +27,33 @@ def gumbel(logits: torch.Tensor, temperature: float, rng: RandomSource) -> torch
     return logits64.exp() / (-torch.log(noise)) ** temperature
 
 
+def truncate(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """vLLM-style top-k / top-p filtering of `(n, V)` logits: excluded entries become -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches `top_p` (always at
+    least the most likely one). No upstream LLaDA-family sampler has these knobs; they only shape the
+    sampling distribution at T > 0 (at T = 0 the argmax is always kept, so they change nothing).
+    """
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(ordered.float(), dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(ordered.float(), dim=-1) >= top_p  # mass before it suffices
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits
+
+
 def gumbel_argmax(
     selected: torch.Tensor,
     temperature: float,
     rng: RandomSource,
     full_shape: tuple[int, ...],
     candidates: torch.Tensor,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """`argmax(gumbel(logits, T))` evaluated only at the `candidates` positions.
 
@@ -45,6 +66,7 @@ def gumbel_argmax(
     if temperature == 0:
         return torch.argmax(selected, dim=-1)
     noise = rng.rand(full_shape, torch.float64, selected.device)[candidates]
+    selected = truncate(selected, top_k, top_p)
     return torch.argmax(selected.to(torch.float64).exp() / (-torch.log(noise)) ** temperature, dim=-1)
 
 
@@ -95,6 +117,8 @@ def fast_predict(
     rng: RandomSource,
     random_dtype: torch.dtype,
     floor: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast-dLLM's shared prologue: `x0` and its confidence (`floor` where not masked), `(B, L)` each.
 
@@ -102,7 +126,7 @@ def fast_predict(
     noise for random remasking (float64 in the threshold/fixed rule, float32 in the factor rule).
     """
     selected = logits[mask]
-    x0_sel = gumbel_argmax(selected, temperature, rng, tuple(logits.shape), mask)
+    x0_sel = gumbel_argmax(selected, temperature, rng, tuple(logits.shape), mask, top_k, top_p)
     if remasking == "low_confidence":
         conf_sel = gather_prob(torch.softmax(selected.to(torch.float64), dim=-1), x0_sel)
     elif remasking == "random":
@@ -121,13 +145,16 @@ def transfer_fixed_or_threshold(
     k: list[int] | None,
     threshold: float | None,
     rng: RandomSource,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast-dLLM `get_transfer_index` (vectorised form): returns `(x0, transfer)`, both `(B, L)`.
 
     Threshold: every masked position with confidence >= threshold, plus each row's most confident
     masked position. Fixed: the first `k[row]` positions of a descending sort of the full row.
     """
-    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, torch.float64, torch.finfo(torch.float64).min)
+    floor = torch.finfo(torch.float64).min
+    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, torch.float64, floor, top_k, top_p)
     if threshold is not None:
         transfer = mask & (conf >= threshold)
         best = torch.zeros_like(transfer).scatter_(1, torch.argmax(conf, dim=1, keepdim=True), True)
@@ -170,10 +197,12 @@ def transfer_factor(
     x: torch.Tensor,
     factor: float,
     rng: RandomSource,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast-dLLM `get_transfer_index_dynamic`: per row, `topk(conf, factor_count(...))`."""
     random_dtype = torch.float32  # upstream's factor rule draws default-dtype uniforms
-    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, random_dtype, -torch.inf)
+    x0, conf = fast_predict(logits, temperature, remasking, mask, x, rng, random_dtype, -torch.inf, top_k, top_p)
     counts = []
     for j in range(conf.shape[0]):
         n = int(mask[j].sum())
