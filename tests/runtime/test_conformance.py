@@ -110,8 +110,10 @@ def _tampered_dir(tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
         (lambda c: c.__setitem__("nfe", c["nfe"] + 1), "nfe"),
         (lambda c: c["trace"][1]["input_ids"][0].__setitem__(0, 7), "input_ids differ"),
         (lambda c: c["trace"].append(dict(c["trace"][-1])), "forwards !="),
+        (lambda c: c.__setitem__("reference", "someone/else gen.py::generate (v1)"), "no decoder reproduces"),
+        (lambda c: c["kwargs"].__setitem__("new_upstream_arg", 1), "new_upstream_arg: argument not supported"),
     ],
-    ids=["output", "nfe", "forward-input", "forward-count"],
+    ids=["output", "nfe", "forward-input", "forward-count", "unknown-reference", "unknown-argument"],
 )
 def test_runner_reports_mismatches(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     results = run_directory(_tampered_dir(tmp_path, edit), ConformanceOptions())

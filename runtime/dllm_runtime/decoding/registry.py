@@ -67,10 +67,10 @@ def reference_key(reference: str) -> str:
 
 
 def _load_decoders() -> None:
+    """Import every decoder module once; a module that fails to import fails every call, loudly."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for module in _MODULES:
         try:
             importlib.import_module(module)
@@ -78,6 +78,7 @@ def _load_decoders() -> None:
             if exc.name != module:  # a real import error inside an existing decoder module
                 raise
             _import_errors[module] = "not installed"
+    _loaded = True
 
 
 def build_policy(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
