@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="LLaDA-family folder (default: the demo model, else golden llada_tiny)")
     ap.add_argument("--dream-model", default=None, help="Dream folder (default: golden dream_tiny)")
+    ap.add_argument("--tiny", action="store_true", help="use the golden tiny models even when the demo model exists")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=3, help="requests per decoder (GSM8K questions with a tokenizer)")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     models = {
-        "llada": load(args.model or default_llada_path(), "llada_tiny", args.dtype, args.device),
+        "llada": load(args.model or (None if args.tiny else default_llada_path()), "llada_tiny", args.dtype, args.device),
         "dream": load(args.dream_model, "dream_tiny", args.dtype, args.device),
     }
     for family, (model, tok) in models.items():  # warm-up (allocator, kernels) outside the timings
