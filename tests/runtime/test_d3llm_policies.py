@@ -257,3 +257,24 @@ def test_sampling_draws_follow_the_reference_order(variant: str) -> None:
                    if variant == "llada" else [("multinomial", (length, 1), None)])
     assert seq.rng.calls == per_forward * seq.nfe
     assert not (seq.canvas == MASK).any()
+
+
+@pytest.mark.parametrize(
+    "name", ["d3llm_dream_multiblock_ent0.4_t0", "d3llm_dream_multiblock_ent0.5_earlystop_t0",
+             "d3llm_llada_multiblock_ent0.5_t0"],
+)
+def test_serving_params_reproduce_the_reference(name: str) -> None:
+    """The server's path (DecodingParams -> build_policy) gives the golden multi-block answer."""
+    case = golden_cases("d3llm")[name]
+    kw = case["kwargs"]
+    params = DecodingParams(algorithm="d3llm", max_tokens=kw["max_new_tokens"], block_length=kw["block_size"],
+                            threshold=kw["threshold"], block_add_threshold=kw["block_add_threshold"],
+                            decoded_token_threshold=kw["decoded_token_threshold"],
+                            early_stop=kw.get("early_stop", False)).validate()
+    model = tiny_model(case["model"])
+    prompt = case["prompt"][0]
+    seq = Sequence(canvas=torch.tensor([prompt + [MASK] * params.generation_slots()]), prompt_len=len(prompt),
+                   special=TINY_SPECIAL, rng=RandomSource(0))
+    run_to_completion(model, [(seq, build_policy(params, model))])
+    assert seq.canvas.tolist() == case["output"]
+    assert seq.state["reference_nfe"] == case["nfe"]

@@ -134,3 +134,19 @@ def test_settings_dream_would_ignore_are_rejected() -> None:
     params = DecodingParams(algorithm="dream", max_tokens=16, remasking="random")
     with pytest.raises(ValueError, match="^remasking: not used by algorithm='dream'"):
         build_policy(params, tiny_model("dream_tiny"))
+
+
+@pytest.mark.parametrize("name", ["dream_entropy_t0", "dream_topk_margin_t0", "dream_entropy_topk5_temp1.0"])
+def test_serving_params_reproduce_the_reference(name: str) -> None:
+    """The server's path (DecodingParams -> build_policy, seed -> RandomSource) gives the golden answer."""
+    case = golden_cases("dream")[name]
+    kw = case["kwargs"]
+    params = DecodingParams(algorithm="dream", max_tokens=kw["max_new_tokens"], steps=kw["steps"], alg=kw["alg"],
+                            temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
+                            alg_temp=kw["alg_temp"], seed=case["seed_before_call"]).validate()
+    model = tiny_model("dream_tiny")
+    prompt = case["prompt"][0]
+    canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * params.generation_slots()])
+    seq = Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(params.seed))
+    run_to_completion(model, [(seq, build_policy(params, model))])
+    assert seq.canvas.tolist() == case["output"] and seq.nfe == case["nfe"]
