@@ -92,7 +92,7 @@ def build_sequences(case: dict[str, Any], special: SpecialIds, gen_length: int) 
         valid = None
         if am is not None and 0 in am[row]:
             valid = torch.cat([torch.tensor(am[row], dtype=torch.bool), torch.ones(gen_length, dtype=torch.bool)])[None]
-        # one generator per case, shared by its rows' draws only where B = 1 (all sampling cases)
+        # seeded per row: every golden sampling case has B = 1, so this is the reference's stream
         seqs.append(
             Sequence(canvas=canvas, prompt_len=prompt.shape[1], special=special,
                      rng=RandomSource(case["seed_before_call"]), valid=valid)
