@@ -136,6 +136,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _added_tokens(path: Path) -> list[dict[str, Any]]:
+    """`added_tokens` of a `tokenizer.json` without decoding its (multi-MB) vocabulary.
+
+    The list sits near the top of the file; only that JSON value is decoded. Falls back to a full
+    parse if the layout is unusual.
+    """
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    key = text.find('"added_tokens"')
+    start = text.find("[", key) if key >= 0 else -1
+    if start >= 0 and text[key + len('"added_tokens"') : start].strip() == ":":
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, start)
+            if isinstance(value, list):
+                return value
+        except json.JSONDecodeError:
+            pass
+    data = json.loads(text)
+    return data.get("added_tokens", []) if isinstance(data, dict) else []
+
+
 class _TokenLookup:
     """Token string → id from a loaded tokenizer or, without one, from the folder's JSON files."""
 
@@ -176,7 +198,7 @@ class _TokenLookup:
                 for tid, entry in decoder.items():
                     vocab[entry["content"]] = int(tid)
                 if not vocab:
-                    for entry in _read_json(self.folder / "tokenizer.json").get("added_tokens", []):
+                    for entry in _added_tokens(self.folder / "tokenizer.json"):
                         vocab[entry["content"]] = int(entry["id"])
             self._vocab = vocab
         return self._vocab
