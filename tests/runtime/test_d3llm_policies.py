@@ -278,3 +278,25 @@ def test_serving_params_reproduce_the_reference(name: str) -> None:
     run_to_completion(model, [(seq, build_policy(params, model))])
     assert seq.canvas.tolist() == case["output"]
     assert seq.state["reference_nfe"] == case["nfe"]
+
+
+@pytest.mark.parametrize("variant", ["llada", "dream"])
+def test_blockwise_commits_block_by_block(variant: str) -> None:
+    """Block-wise decoding never commits past the current block, and a tiny threshold leaves only the
+    always-taken rank 0: one token per forward (NFE = generation length)."""
+    model = tiny_model("llada_tiny" if variant == "llada" else "dream_tiny")
+    committed: list[list[int]] = []
+
+    class Recording(D3LLMBlockwisePolicy):
+        def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+            before = seq.canvas == MASK
+            super().commit(seq, logits)
+            committed.append((before & (seq.canvas != MASK))[0].nonzero().flatten().tolist())
+
+    p, gen, bl = 4, 16, 8
+    policy = Recording(D3LLMSettings(threshold=1e-9, block_length=bl, steps=gen), variant, model.position_ids)
+    seq = _seq(p, gen)
+    run_to_completion(model, [(seq, policy)])
+    assert seq.nfe == gen and all(len(c) == 1 for c in committed)
+    blocks = [(c[0] - p) // bl for c in committed]
+    assert blocks == sorted(blocks) == [0] * bl + [1] * bl
