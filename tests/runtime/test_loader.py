@@ -102,6 +102,9 @@ def test_cuda_request_without_cuda_is_clear(golden_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         load_model(golden_dir, device="cuda")
+    assert next(load_model(golden_dir, device="auto").parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="invalid device 'gpu0'"):
+        load_model(golden_dir, device="gpu0")
 
 
 def test_unknown_model_type_names_config(golden_dir):

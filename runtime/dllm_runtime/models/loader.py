@@ -230,6 +230,9 @@ def _config_dtype(cfg: Mapping[str, Any], config_path: Path) -> torch.dtype | No
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
