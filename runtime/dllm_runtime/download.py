@@ -274,7 +274,9 @@ class Downloader:
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=self.spec.endpoint, token=self.spec.token)
-        info = api.model_info(self.spec.repo_id, revision=self.spec.revision, files_metadata=True)
+        info = api.model_info(
+            self.spec.repo_id, revision=self.spec.revision, files_metadata=True, timeout=self.spec.timeout_s
+        )
         siblings = [
             RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs is not None else None)
             for s in (info.siblings or [])

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries of network errors per step (default 3)")
     parser.add_argument("--retry-backoff", type=_non_negative_float, default=2.0, help="seconds × attempt between retries (default 2)")
     parser.add_argument(
+        "--timeout", type=_positive_float, default=60.0, help="seconds without data before an HTTP request fails (default 60)"
+    )
+    parser.add_argument(
         "--max-workers", type=_positive_int, default=4, help="files downloaded in parallel (default 4)"
     )
     parser.add_argument(
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     spec = DownloadSpec(
         repo_id=repo_id,
         output=args.output,
-        revision=args.revision,
+        revision=args.revision or None,  # an empty value (unset template variable) means the default branch
         token=token,
         endpoint=args.endpoint,
         allow_patterns=tuple(args.allow_patterns or DEFAULT_ALLOW_PATTERNS),
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         retry_backoff_s=args.retry_backoff,
         progress_interval_s=args.progress_interval,
         max_workers=args.max_workers,
+        timeout_s=args.timeout,
     )
     return download(spec, emit, termination_log=args.termination_log)
 
@@ -96,6 +100,13 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
 
 
 def _non_negative_float(value: str) -> float:
