@@ -58,7 +58,8 @@ def _require_supported(cfg: dict[str, Any]) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"unsupported Dream config hidden_act={act!r} (supported: ['silu'])")
-    if cfg.get("rope_scaling"):
+    scaling = cfg.get("rope_scaling")
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in ("default", None):
         raise ValueError(f"unsupported Dream config rope_scaling={cfg['rope_scaling']!r} (only unscaled RoPE)")
     if cfg.get("use_sliding_window"):
         raise ValueError("unsupported Dream config use_sliding_window=true")

@@ -45,7 +45,7 @@ class LLaDAConfig:
         return cls(
             d_model=d_model,
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("n_kv_heads") or n_heads),
+            n_kv_heads=1 if cfg.get("multi_query_attention") else int(cfg.get("n_kv_heads") or n_heads),
             n_layers=int(cfg["n_layers"]),
             mlp_hidden_size=int(mlp),
             embedding_size=int(cfg.get("embedding_size") or vocab),
@@ -53,7 +53,7 @@ class LLaDAConfig:
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             rope_full_precision=bool(cfg.get("rope_full_precision", True)),
-            include_qkv_bias=bool(cfg.get("include_bias") or cfg.get("include_qkv_bias")),
+            include_qkv_bias=bool(cfg.get("include_qkv_bias")),
             weight_tying=bool(cfg.get("weight_tying", False)),
             max_sequence_length=int(cfg.get("max_sequence_length", 4096)),
         )
