@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--chat", help="user message, wrapped in the model's chat template")
     parser.add_argument("--system", help="system message for --chat")
     parser.add_argument("--max-tokens", "--gen-length", dest="max_tokens", type=int, default=None,
-                        help="generation length in tokens (default: %(default)s -> DecodingParams' 256)")
+                        help="generation length in tokens (default: 256, DecodingParams' default)")
     group = parser.add_argument_group("decoding")
     for flag, dest, kind, help_text in _DECODING_FLAGS:
         group.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
