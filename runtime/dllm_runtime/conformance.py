@@ -242,14 +242,51 @@ class CpuStreamRandomSource(RandomSource):
     so conformance on a GPU keeps the CPU stream and only moves the values.
     """
 
+    def __init__(self, seed: int | None) -> None:
+        super().__init__(seed)
+        #: (kind, shape, dtype) of every call, to explain a failing sampling case (`draw_mismatch`)
+        self.calls: list[tuple[str, tuple[int, ...] | None, torch.dtype | None]] = []
+
     def rand(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        self.calls.append(("rand", tuple(shape), dtype))
         return torch.rand(shape, dtype=dtype, generator=self.generator).to(device)
 
     def multinomial(self, probs: torch.Tensor, num_samples: int, replacement: bool = False) -> torch.Tensor:
+        self.calls.append(("multinomial", None, None))
         return super().multinomial(probs.cpu(), num_samples, replacement).to(probs.device)
 
     def categorical(self, probs: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("categorical", None, None))
         return super().categorical(probs.cpu()).to(probs.device)
+
+
+def draw_mismatch(calls: list[tuple[str, tuple[int, ...] | None, torch.dtype | None]], draws: list[dict]) -> str | None:
+    """First difference between the decoder's RNG calls and the reference's recorded `rng_draws`.
+
+    Only a diagnostic for failing cases: the kinds must agree in order (a recorded `multinomial`
+    followed by its `categorical_sample` is one `Categorical.sample`), and uniform draws must agree in
+    shape and dtype, because each one advances the generator by its size.
+    """
+    expected: list[tuple[str, tuple[int, ...] | None, str | None]] = []
+    for entry in draws:
+        fn = entry["fn"]
+        if fn == "categorical_sample":
+            if expected and expected[-1][0] == "multinomial":
+                expected.pop()
+            expected.append(("categorical", None, None))
+        elif fn in ("rand", "rand_like"):
+            expected.append(("rand", tuple(entry["shape"]), str(entry["dtype"])))
+        else:
+            expected.append((fn, None, None))
+    for i, (got, want) in enumerate(zip(calls, expected)):
+        kind, shape, dtype = got
+        if kind != want[0] or (kind == "rand" and (shape != want[1] or str(dtype).replace("torch.", "") != want[2])):
+            mine = " ".join(str(v) for v in (kind, shape, dtype) if v is not None)
+            theirs = " ".join(str(v) for v in want if v is not None)
+            return f"draw {i + 1}: decoder {mine}, reference {theirs}"
+    if len(calls) != len(expected):
+        return f"decoder made {len(calls)} random draws, the reference {len(expected)}"
+    return None
 
 
 class _SharedDraws:
@@ -373,7 +410,7 @@ def run_case(
         result.skipped = str(exc)
         return result
     device = torch.device(options.device)
-    seqs = _build_sequences(golden, case, decoder.gen_length, decoder.special, options, device)
+    seqs, source = _build_sequences(golden, case, decoder.gen_length, decoder.special, options, device)
     model = RecordingModel(base_model, keep_logits=options.logits_atol is not None and not options.decoder_only)
     run_to_completion(model, [(seq, decoder.policy) for seq in seqs])
 
@@ -389,6 +426,10 @@ def run_case(
         result.logits_max_diff = _compare_logits(
             model.records, case["trace"], golden, options.logits_atol, options.logits_rtol, problems
         )
+    if problems and isinstance(source, CpuStreamRandomSource):
+        hint = draw_mismatch(source.calls, case.get("rng_draws", []))
+        if hint:
+            problems.append(f"rng: {hint}")
     result.passed = not problems
     return result
 
@@ -400,7 +441,7 @@ def _build_sequences(
     special: SpecialIds,
     options: ConformanceOptions,
     device: torch.device,
-) -> list[Sequence]:
+) -> tuple[list[Sequence], RandomSource]:
     prompt = torch.tensor(case["prompt"], dtype=torch.long)
     attention_mask = case.get("kwargs", {}).get("attention_mask") or case.get("attention_mask")
     rows, prompt_len = prompt.shape
@@ -423,7 +464,7 @@ def _build_sequences(
     if rows > 1:  # rows of one reference call: policies that advance blocks batch-wide wait for all
         for seq in seqs:
             seq.state["batch_group"] = seqs
-    return seqs
+    return seqs, source
 
 
 def _compare_output(got: torch.Tensor, want: torch.Tensor, problems: list[str]) -> None:

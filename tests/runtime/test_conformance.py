@@ -91,6 +91,17 @@ def test_wrong_seed_is_detected(provider) -> None:
     assert not result.passed and "output differs" in result.line()
 
 
+def test_failing_sampling_case_explains_rng_differences(provider) -> None:
+    case = json.loads(json.dumps(LLADA_CASES["llada_lowconf_semiar_temp0.8"]))
+    case["seed_before_call"] += 1  # fails ...
+    case["rng_draws"][2]["shape"] = [1, 41, 256]  # ... and the recorded third draw is not what we draw
+    result = run_case(LLADA_FILE, case, ConformanceOptions(), provider)
+    assert not result.passed
+    assert (
+        "rng: draw 3: decoder rand (1, 40, 256) torch.float64, reference rand (1, 41, 256) float64" in result.problems
+    )
+
+
 def _tampered_dir(tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     """A copy of the LLaDA golden files with one case edited by `edit(case)`."""
     for name in ("llada_tiny.safetensors", "llada_tiny_config.json", "llada_golden_tensors.safetensors"):
