@@ -147,12 +147,37 @@ def tiny_state_dict(arch: str, config: dict[str, Any], seed: int = 0) -> dict[st
     return sd
 
 
-def make_tiny_model_dir(path: str | os.PathLike[str], arch: str = "llada", seed: int = 0, **overrides: Any) -> Path:
+def write_weights(folder: Path, state: dict[str, torch.Tensor], shards: int = 1) -> list[Path]:
+    """Save `state` as `model.safetensors`, or as `shards` files with a `save_pretrained`-style index."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return [folder / "model.safetensors"]
+    names = sorted(state)
+    weight_map: dict[str, str] = {}
+    files = []
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i::shards]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+        files.append(folder / fname)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def make_tiny_model_dir(
+    path: str | os.PathLike[str], arch: str = "llada", seed: int = 0, shards: int = 1, **overrides: Any
+) -> Path:
     """Write a loadable tiny model folder at `path` (created if needed) and return it.
 
     `overrides` replace `config.json` keys (e.g. `n_layers=1`, `torch_dtype="bfloat16"`); the weights
     follow the overridden sizes. Weights are stored in fp32 whatever `torch_dtype` says, as many Hub
-    exports do; the loader casts.
+    exports do; the loader casts. `shards > 1` writes `model-0000i-of-0000n.safetensors` files plus
+    `model.safetensors.index.json`, the layout of large checkpoints.
     """
     if arch not in _ARCH:
         raise ValueError(f"unknown arch {arch!r} (choose 'llada' or 'dream')")
@@ -162,7 +187,7 @@ def make_tiny_model_dir(path: str | os.PathLike[str], arch: str = "llada", seed:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    save_file(tiny_state_dict(arch, config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(folder, tiny_state_dict(arch, config, seed), shards)
     source = TOKENIZERS / tokenizer
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: shared tokenizer folder missing (set DLLM_SHARED_DIR)")

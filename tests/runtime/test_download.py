@@ -23,7 +23,6 @@ from unittest import mock
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from dllm_runtime.cli import main
 from dllm_runtime.download import DEFAULT_ALLOW_PATTERNS, DownloadError, RemoteFile, classify, select_files
@@ -279,15 +278,8 @@ def test_in_process_retry_continues_and_sha256_is_checked(hub, tmp_path):
 
 def test_sharded_repo_downloads_in_parallel_and_loads(hub, tmp_path):
     """A real tiny checkpoint, sharded, fetched with 3 workers, then loaded by the model loader."""
-    src = make_tiny_model_dir(tmp_path / "src", arch="llada", n_layers=1)
-    state = load_file(str(src / "model.safetensors"))
-    (src / "model.safetensors").unlink()
-    names, weight_map = sorted(state), {}
-    for i in range(3):
-        fname = f"model-{i + 1:05d}-of-00003.safetensors"
-        save_file({k: state[k] for k in names[i::3]}, str(src / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in names[i::3]})
-    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    src = make_tiny_model_dir(tmp_path / "src", arch="llada", shards=3, n_layers=1)
+    assert len(list(src.glob("model-*-of-00003.safetensors"))) == 3
     hub.repos[REPO] = FakeRepo({p.name: p.read_bytes() for p in src.iterdir() if p.is_file()})
 
     rc, events, out = _run(hub, tmp_path, "--max-workers", "3")

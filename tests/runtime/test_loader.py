@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dllm_runtime.models import DreamModel, LLaDAModel, ModelLoadError, load_model, load_model_files, parse_dtype
-from tests.helpers.tiny_models import make_tiny_model_dir
+from tests.helpers.tiny_models import make_tiny_model_dir, write_weights
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -34,17 +34,7 @@ def _shard(folder: Path, n: int) -> list[str]:
     """Split model.safetensors into n shards + index, as `save_pretrained(max_shard_size=...)` does."""
     state = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
-    names = sorted(state)
-    weight_map, files = {}, []
-    for i in range(n):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        part = {k: state[k] for k in names[i::n]}
-        save_file(part, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-        files.append(fname)
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    return files
+    return [p.name for p in write_weights(folder, state, n)]
 
 
 def test_load_folder_equals_load_model_files(golden_dir):
