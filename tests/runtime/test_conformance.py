@@ -104,6 +104,7 @@ def test_failing_sampling_case_explains_rng_differences(provider) -> None:
 
 def _tampered_dir(tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     """A copy of the LLaDA golden files with one case edited by `edit(case)`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("llada_tiny.safetensors", "llada_tiny_config.json", "llada_golden_tensors.safetensors"):
         (tmp_path / name).symlink_to(GOLDEN / name)
     doc = json.loads((GOLDEN / "llada_golden.json").read_text())
@@ -218,10 +219,14 @@ def test_cli_reports_bad_directory(tmp_path: Path) -> None:
 
 
 def test_cli_fails_on_a_wrong_case(tmp_path: Path) -> None:
-    directory = _tampered_dir(tmp_path, lambda c: c.__setitem__("nfe", 99))
-    proc = _cli(str(directory), "--case", "cfg")
+    directory = _tampered_dir(tmp_path / "set", lambda c: c.__setitem__("nfe", 99))
+    report = tmp_path / "report.json"
+    proc = _cli(str(directory), "--case", "cfg", "--report", str(report))
     assert proc.returncode == 1
     assert proc.stdout.strip().splitlines()[-1] == "0 passed, 1 failed"
+    doc = json.loads(report.read_text())
+    assert (doc["passed"], doc["failed"]) == (0, 1)
+    assert doc["cases"][0]["name"] == "llada_cfg1.5_t0" and "nfe 16 != 99" in doc["cases"][0]["problems"]
 
 
 def test_cli_whole_golden_directory() -> None:

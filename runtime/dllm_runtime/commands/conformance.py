@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the module is imported lazily by the CLI; torch only when the command runs
+    from dllm_runtime.conformance import CaseResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--logits-rtol", type=float, default=1e-5, help="relative tolerance of the per-forward logit check"
     )
     parser.add_argument("--no-logits", action="store_true", help="skip the per-forward logit check")
+    parser.add_argument("--report", metavar="FILE", help="also write the per-case results as JSON to FILE")
     parser.add_argument(
         "--threads",
         type=int,
@@ -82,10 +87,26 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         summary += f", {skipped} skipped"
     print(summary)
+    if args.report:
+        _write_report(args.report, results, passed, failed, skipped)
     if not results:
         print("error: no case matched", file=sys.stderr)
         return 1
     return 0 if failed == 0 else 1
+
+
+def _write_report(path: str, results: list[CaseResult], passed: int, failed: int, skipped: int) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    doc = {
+        "passed": passed,
+        "failed": failed,
+        "skipped": skipped,
+        "cases": [dataclasses.asdict(r) for r in results],
+    }
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _device_available(torch, device: str) -> bool:  # type: ignore[no-untyped-def]
