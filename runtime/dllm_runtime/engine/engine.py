@@ -68,6 +68,7 @@ class _Tracked:
     error: str | None = None
     done: bool = False  # final output handed to the loop
     running: bool = False
+    masked: int = -1  # masked slots on the canvas after the last step (-1: not counted yet)
 
 
 class AsyncEngine:
@@ -105,6 +106,7 @@ class AsyncEngine:
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._running: list[_Tracked] = []  # worker thread only
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Tracked, GenerationOutput]]] | None = None
         # counters (written by the worker under the lock, read by stats())
         self._total_steps = 0
         self._total_forwards = 0
@@ -336,19 +338,27 @@ class AsyncEngine:
         batch = [(t.seq, t.policy) for t in self._running]
         by_seq = {id(t.seq): t for t in self._running}
         mask = self.model.special_ids.mask
-        masked_before = [int((t.seq.canvas == mask).sum()) for t in self._running]
+        for t in self._running:
+            if t.masked < 0:
+                t.masked = int((t.seq.canvas == mask).sum())
+        self._outbox = {}
 
         def on_error(seq: Sequence, exc: Exception) -> None:
             tracked = by_seq[id(seq)]
             tracked.error = f"{type(exc).__name__}: {exc}"
             logger.warning("request %s failed: %s", tracked.request.request_id, tracked.error)
 
-        result = run_step(self.model, batch, on_error=on_error, min_tokens=self._min_tokens)
         committed = 0
-        for tracked, before in zip(list(self._running), masked_before):
-            tracked.steps += 1
-            committed += before - int((tracked.seq.canvas == mask).sum())
-            self._advance(tracked)
+        try:
+            result = run_step(self.model, batch, on_error=on_error, min_tokens=self._min_tokens)
+            for tracked in list(self._running):
+                tracked.steps += 1
+                masked = int((tracked.seq.canvas == mask).sum())
+                committed += tracked.masked - masked
+                tracked.masked = masked
+                self._advance(tracked)
+        finally:
+            self._flush_outbox()
         latency = time.perf_counter() - start
         cache = sum(t.seq.cache_bytes() for t in self._running)
         with self._lock:
@@ -473,11 +483,23 @@ class AsyncEngine:
     def _emit(self, tracked: _Tracked, out: GenerationOutput) -> None:
         if out.token_ids_delta and tracked.first_token is None:
             tracked.first_token = time.monotonic()
+        if self._outbox is not None:  # inside a step: one loop wake-up per step, not per request
+            self._outbox.setdefault(tracked.loop, []).append((tracked, out))
+            return
+        self._send(tracked.loop, [(tracked, out)])
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox or {}, None
+        for loop, items in outbox.items():
+            self._send(loop, items)
+
+    def _send(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Tracked, GenerationOutput]]) -> None:
         try:
-            tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, out)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            if not out.finished:
-                self._cancel(tracked)
+            loop.call_soon_threadsafe(_deliver, [(t.queue, out) for t, out in items])
+        except RuntimeError:  # the consumers' loop is closed: nobody is listening any more
+            for tracked, out in items:
+                if not out.finished:
+                    self._cancel(tracked)
 
     def _observe(self, method: str, stats: StepStats | RequestStats) -> None:
         if self.observer is None:
@@ -486,6 +508,12 @@ class AsyncEngine:
             getattr(self.observer, method)(stats)
         except Exception:
             logger.exception("engine observer %s failed (ignored)", method)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:
+    """Runs on the consumers' event loop: hand each output to its request's queue."""
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 def _param_of(exc: ValueError) -> str | None:
