@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,17 +138,16 @@ class DiffusionLMModel(kserve.Model):
             time.sleep(0.2)
 
     # ------------------------------------------------------------------ in-flight accounting
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        """Count one HTTP generation from admission until its response is fully sent."""
+    def admit(self) -> Ticket:
+        """Count one HTTP generation as in flight until `Ticket.release()` (its response is sent)."""
         self.inflight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
+        return Ticket(self)
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     async def drain(self, grace_period: float) -> None:
         """Stop admitting, wait up to `grace_period` s for in-flight requests, then stop the engine."""
@@ -166,6 +165,19 @@ class DiffusionLMModel(kserve.Model):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=1.0)
         logger.info("drained in %.1fs (%d request(s) cut short)", time.monotonic() - started, self.inflight)
+
+
+class Ticket:
+    """One in-flight generation; `release` is idempotent because a stream has two exits (its body's
+    `finally` and the response's background task, which also runs when the body never started)."""
+
+    def __init__(self, model: DiffusionLMModel) -> None:
+        self._model: DiffusionLMModel | None = model
+
+    def release(self) -> None:
+        if self._model is not None:
+            self._model._release()
+            self._model = None
 
 
 def _config_max_len(model_path: Path) -> int | None:

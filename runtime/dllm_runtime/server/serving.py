@@ -30,7 +30,7 @@ from dllm_runtime.engine.request import (
 )
 from dllm_runtime.server import protocol, sse
 from dllm_runtime.server.errors import APIError, BadRequest, EngineFailure, QueueFull, Unavailable
-from dllm_runtime.server.model import DiffusionLMModel
+from dllm_runtime.server.model import DiffusionLMModel, Ticket
 
 logger = logging.getLogger("dllm_runtime.server")
 
@@ -210,24 +210,22 @@ class OpenAIServing:
         return list(zip(opened, firsts))
 
     async def _run(self, request: Request, job: _Job) -> Response:
-        tracker = self.model.track()
-        tracker.__enter__()
+        ticket = self.model.admit()
+        streaming = False  # once the StreamingResponse exists, it releases the ticket
         try:
             pending = asyncio.ensure_future(self._submit(job))
             if not await _race_disconnect(request, pending):
                 self.model.metrics.count_error("aborted")
-                tracker.__exit__(None, None, None)
-                return Response(status_code=499)
+                return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
             streams = pending.result()
-        except BaseException:
-            tracker.__exit__(None, None, None)
-            raise
-        if job.stream:
-            return self._streaming_response(job, streams, tracker)
-        try:
+            if job.stream:
+                response = self._streaming_response(job, streams, ticket)
+                streaming = True
+                return response
             return await self._collect(request, job, streams)
         finally:
-            tracker.__exit__(None, None, None)
+            if not streaming:
+                ticket.release()
 
     async def _collect(self, request: Request, job: _Job, streams) -> Response:
         choices = [_Choice(i, g.request_id) for i, g in enumerate(job.engine_requests)]
@@ -274,15 +272,7 @@ class OpenAIServing:
         return {"id": job.id, "object": obj, "created": job.created, "model": job.model,
                 "choices": out_choices, "usage": usage}
 
-    def _streaming_response(self, job: _Job, streams, tracker) -> StreamingResponse:
-        done = False
-
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                tracker.__exit__(None, None, None)
-
+    def _streaming_response(self, job: _Job, streams, ticket: Ticket) -> StreamingResponse:
         async def close_all() -> None:
             for s, _ in streams:
                 with contextlib.suppress(Exception):
@@ -298,11 +288,11 @@ class OpenAIServing:
                 if not finished:
                     self.model.metrics.count_error("aborted")
                     await close_all()
-                release()
+                ticket.release()
 
         async def after() -> None:  # runs even when the body iterator never started
             await close_all()
-            release()
+            ticket.release()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
