@@ -158,3 +158,12 @@ def test_metrics_observer_and_scrape_time_gauges():
         m.count_error("bogus")
     m.unregister()
     assert "vllm:" not in generate_latest(registry).decode()
+
+
+def test_tuning_doc_lists_every_flag():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "tuning.md").read_text()
+    missing = [o.name for o in server_args.SERVER_OPTIONS + server_args.DECODING_OPTIONS
+               if f"`--{o.name}`" not in doc or f"`{o.env}`" not in doc]
+    assert not missing, f"docs/tuning.md does not document: {missing}"
