@@ -141,6 +141,8 @@ class RecordingModel:
         self.records: list[ForwardRecord] = []
 
     def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not set yet (e.g. copy/pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None) -> torch.Tensor:
