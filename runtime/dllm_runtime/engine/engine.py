@@ -356,7 +356,11 @@ class AsyncEngine:
                 masked = int((tracked.seq.canvas == mask).sum())
                 committed += tracked.masked - masked
                 tracked.masked = masked
-                self._advance(tracked)
+                try:
+                    self._advance(tracked)
+                except Exception as exc:  # e.g. a tokenizer that cannot decode: this request only
+                    logger.exception("request %s failed after its step", tracked.request.request_id)
+                    self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
         finally:
             self._flush_outbox()
         latency = time.perf_counter() - start
