@@ -97,13 +97,17 @@ def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
         running = threading.Thread(target=send, args=("running",))
         running.start()
         server.wait_metric("vllm:num_requests_running", lambda v: v == 1)
+        # n=2 with one queue place: choice 0 queues, choice 1 is refused, and choice 0 must not stay behind
+        r = _post(server, {"prompt": "two please", "max_tokens": 2, "n": 2})
+        assert r.status_code == 429, r.text
+        server.wait_metric("vllm:num_requests_waiting", lambda v: v == 0)
         waiting = threading.Thread(target=send, args=("waiting",))
         waiting.start()
         server.wait_metric("vllm:num_requests_waiting", lambda v: v == 1)
         r = _post(server, {"prompt": "one more", "max_tokens": 2})
         assert r.status_code == 429, r.text
         assert r.json()["error"]["type"] == "rate_limit_error" and r.headers["Retry-After"] == "3"
-        assert server.metric("dllm:request_errors_total", reason="queue_full") == 1
+        assert server.metric("dllm:request_errors_total", reason="queue_full") == 2
 
         # ---- SIGTERM: stop admitting (503), let both in-flight requests finish, exit 0
         server.proc.send_signal(15)

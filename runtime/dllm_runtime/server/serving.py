@@ -186,15 +186,17 @@ class OpenAIServing:
     # ------------------------------------------------------------------ running
     async def _submit(self, job: _Job) -> list[tuple[AsyncIterator[GenerationOutput], GenerationOutput]]:
         """Admit every choice (its first output proves admission); any failure cancels the others."""
-        opened: list[AsyncIterator[GenerationOutput]] = []
-        firsts: list[GenerationOutput] = []
+        opened = [self.model.loaded.engine.generate(greq) for greq in job.engine_requests]
+        # the engine admits on the first __anext__; run them together so n choices share steps
+        firsts = [asyncio.ensure_future(s.__anext__()) for s in opened]
         try:
-            for greq in job.engine_requests:
-                stream = self.model.loaded.engine.generate(greq)
-                opened.append(stream)
-            # the engine admits on the first __anext__; run them together so n choices share steps
-            firsts = list(await asyncio.gather(*(s.__anext__() for s in opened)))
+            outputs = list(await asyncio.gather(*firsts))
         except BaseException as exc:
+            # gather does not stop the siblings of a failed awaitable: cancel them (which cancels their
+            # engine requests) before closing the streams, so nothing keeps decoding for nobody
+            for task in firsts:
+                task.cancel()
+            await asyncio.gather(*firsts, return_exceptions=True)
             for s in opened:
                 with contextlib.suppress(Exception):
                     await s.aclose()
@@ -207,7 +209,7 @@ class OpenAIServing:
             if isinstance(exc, RequestValidationError):
                 raise BadRequest(str(exc), param=exc.param) from None
             raise
-        return list(zip(opened, firsts))
+        return list(zip(opened, outputs))
 
     async def _run(self, request: Request, job: _Job) -> Response:
         ticket = self.model.admit()
