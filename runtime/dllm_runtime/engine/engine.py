@@ -61,6 +61,7 @@ class _Tracked:
     queue: asyncio.Queue
     arrival: float
     max_tokens: int
+    ignore_eos: bool = False  # vLLM's ignore_eos: EOS/EoT do not end the answer
     first_step: float | None = None
     first_token: float | None = None
     steps: int = 0
@@ -256,6 +257,8 @@ class AsyncEngine:
             queue=asyncio.Queue(),
             arrival=time.monotonic(),
             max_tokens=params.max_tokens,
+            # read with getattr: DecodingParams gains the field where its owner adds it
+            ignore_eos=bool(getattr(params, "ignore_eos", False)),
         )
         with self._wakeup:
             if self._state != _RUNNING:
@@ -397,7 +400,7 @@ class AsyncEngine:
         prefix_len = min(prefix_len, gen.numel())
         reason: FinishReason | None = None
         # early stop: EOS/EoT inside the finalised prefix ends the answer, the rest of the canvas is moot
-        if prefix_len > tracked.prefix_seen:
+        if prefix_len > tracked.prefix_seen and not tracked.ignore_eos:
             hits = torch.isin(gen[tracked.prefix_seen : prefix_len], self._stop_ids).nonzero()
             if hits.numel():
                 prefix_len = tracked.prefix_seen + int(hits[0, 0])
