@@ -23,6 +23,8 @@
 set -uo pipefail
 
 KUBE_VERSION=1.20.2
+# Bump when the patches applied before building change: cached binaries of another revision are rebuilt.
+BUILD_REV=2
 CACHE_DIR=${DLLM_CACHE_DIR:-$HOME/.cache/dllm-serve}
 KUBE_DIR=$CACHE_DIR/kube-$KUBE_VERSION
 BIN_DIR=$KUBE_DIR/bin
@@ -41,7 +43,8 @@ unavailable() {
 }
 
 have_binaries() {
-    [[ -x $BIN_DIR/kube-apiserver && -x $BIN_DIR/kube-controller-manager ]] && command -v etcd >/dev/null
+    [[ -x $BIN_DIR/kube-apiserver && -x $BIN_DIR/kube-controller-manager ]] && command -v etcd >/dev/null \
+        && [[ $(cat "$BIN_DIR/.build-rev" 2>/dev/null) == "$BUILD_REV" ]]
 }
 
 apt_get() {
@@ -111,6 +114,17 @@ build() {
     mkdir -p "$tree/vendor/github.com/modern-go/reflect2"
     cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2/. "$tree/vendor/github.com/modern-go/reflect2/"
     rm -rf "$tree/vendor/github.com/modern-go/reflect2/"*_test.go
+    # go-openapi's type validator treats a value as null when reflect.DeepEqual(reflect.Zero(T),
+    # reflect.ValueOf(v)) - comparing reflect.Value headers, which under Go >= 1.19 share the runtime's
+    # zero buffer, so "" in any custom resource is rejected as "must be of type string: null". Under
+    # the Go it was written for this was only ever true for nil; restore exactly that.
+    local f
+    for f in "$tree/vendor/github.com/go-openapi/validate/type.go" \
+             "$tree/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"; do
+        [[ -f $f ]] || continue
+        sed -i 's/data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))/data == nil/' "$f"
+        grep -q 'reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data))' "$f" && { echo "patching $f failed"; return 1; }
+    done
     sed -i 's#^\(github.com/modern-go/reflect2 \)v1\.0\.1$#\1v1.0.2#; s#^\(\# github.com/modern-go/reflect2 \)v1\.0\.1$#\1v1.0.2#' \
         "$tree/vendor/modules.txt" 2>/dev/null || true
     local target
@@ -127,6 +141,7 @@ build() {
         [[ -n $built ]] || { echo "$target binary not found after build"; return 1; }
         install -m 0755 "$built" "$BIN_DIR/$target"
     done
+    echo "$BUILD_REV" >"$BIN_DIR/.build-rev"
     log "built into $BIN_DIR"
     # The source tree and Go build cache are large and no longer needed.
     rm -rf "$src" "$tree/_output"

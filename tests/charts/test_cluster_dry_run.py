@@ -7,8 +7,10 @@ structural schema), which the offline validator only approximates."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,20 @@ def ensure_namespaces(kubeconfig: str, names: set[str]) -> None:
         assert proc.returncode == 0 or "AlreadyExists" in proc.stderr, proc.stderr
 
 
+@lru_cache(maxsize=None)
+def cluster_scoped_kinds(kubeconfig: str) -> frozenset[str]:
+    out = kubectl("api-resources", "--namespaced=false", "--no-headers", kubeconfig=kubeconfig).stdout
+    return frozenset(line.split()[-1] for line in out.splitlines() if line.strip())
+
+
 def dry_run(kubeconfig: str, namespace: str, docs: list[dict]) -> subprocess.CompletedProcess:
+    """Server-side dry-run apply; namespaced objects without a namespace go to `namespace`."""
+    docs = copy.deepcopy(docs)
+    for doc in docs:
+        if doc["kind"] not in cluster_scoped_kinds(kubeconfig):
+            doc["metadata"].setdefault("namespace", namespace)
     ensure_namespaces(kubeconfig, {d["metadata"]["namespace"] for d in docs if d["metadata"].get("namespace")})
-    return kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-",
+    return kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-",
                    kubeconfig=kubeconfig, input=yaml.safe_dump_all(docs), check=False)
 
 
