@@ -132,7 +132,9 @@ def test_truncate_keeps_top_k_and_the_nucleus() -> None:
 def test_top_k_one_at_any_temperature_is_greedy() -> None:
     """Sampling from the single most likely token: the T = 0 reference output, via the serving path."""
     case = golden_case("fastdllm_threshold0.9_t0")
-    params = DecodingParams(max_tokens=32, block_length=8, steps=32, temperature=1.3, top_k=1, seed=5).validate()
+    params = DecodingParams(
+        max_tokens=32, block_length=8, steps=32, threshold=0.9, temperature=1.3, top_k=1, seed=5
+    ).validate()
     seq = new_seq(case["prompt"][0], params.generation_slots(), seed=params.seed)
     run_to_completion(tiny_llada(), [(seq, build_policy(params, tiny_llada()))])
     assert seq.canvas[0].tolist() == case["output"][0] and seq.nfe == case["nfe"]
@@ -172,7 +174,28 @@ def test_invalid_params_name_the_field(changes: dict[str, Any], field: str) -> N
 
 def test_defaults_are_valid_fast_dllm_threshold() -> None:
     params = DecodingParams().validate()
-    assert (params.algorithm, params.threshold, params.block_length, params.cache) == ("fast_dllm", 0.9, 32, "none")
+    assert (params.algorithm, params.resolved_threshold(), params.block_length, params.cache) == ("fast_dllm", 0.9, 32, "none")
+
+
+@pytest.mark.parametrize(
+    "changes, resolved",
+    [
+        (dict(), 0.9),  # Fast-dLLM's confidence threshold
+        (dict(steps=64), None),  # explicit steps without a threshold: the fixed quota schedule
+        (dict(factor=1.0), None),
+        (dict(threshold=0.7), 0.7),
+        (dict(algorithm="d3llm"), 0.5),  # an entropy bound in nats, not Fast-dLLM's 0.9
+        (dict(algorithm="d3llm", threshold=2.0), 2.0),  # entropies may exceed 1
+        (dict(algorithm="llada"), None),
+    ],
+)
+def test_threshold_resolves_per_algorithm(changes: dict[str, Any], resolved: float | None) -> None:
+    assert DecodingParams(**changes).validate().resolved_threshold() == resolved
+
+
+def test_d3llm_serving_default_uses_the_entropy_threshold() -> None:
+    policy = build_policy(DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8), tiny_llada())
+    assert policy.settings.threshold == 0.5
 
 
 @pytest.mark.parametrize(
@@ -230,11 +253,11 @@ SERVING_EQUIVALENTS = {
     ),
     "fastdllm_fixedsteps_t0": dict(steps=16, block_length=8, threshold=None),
     "fastdllm_threshold0.9_t0": dict(steps=32, block_length=8, threshold=0.9),
-    "fastdllm_factor1.0_t0": dict(steps=32, block_length=8, factor=1.0),  # factor wins over the default threshold
-    "fastdllm_prefixcache_threshold0.9_t0": dict(steps=32, block_length=8, cache="prefix"),
-    "fastdllm_dualcache_threshold0.9_t0": dict(steps=32, block_length=8, cache="dual"),
+    "fastdllm_factor1.0_t0": dict(steps=32, block_length=8, factor=1.0),
+    "fastdllm_prefixcache_threshold0.9_t0": dict(steps=32, block_length=8, threshold=0.9, cache="prefix"),
+    "fastdllm_dualcache_threshold0.9_t0": dict(steps=32, block_length=8, threshold=0.9, cache="dual"),
     "fastdllm_dualcache_fixedsteps_t0": dict(steps=16, block_length=8, threshold=None, cache="dual"),
-    "fastdllm_threshold0.9_temp0.7": dict(steps=32, block_length=8, temperature=0.7, seed=99),
+    "fastdllm_threshold0.9_temp0.7": dict(steps=32, block_length=8, threshold=0.9, temperature=0.7, seed=99),
 }
 
 

@@ -408,7 +408,7 @@ def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> Decodi
         unused["remasking"] = "ranks slots by entropy only"
     reject_unused(params, "d3llm", **unused)
     settings = D3LLMSettings(
-        threshold=params.threshold if params.threshold is not None else D3LLMSettings.threshold,
+        threshold=params.resolved_threshold(),
         block_length=params.effective_block_length(),
         block_add_threshold=params.block_add_threshold,
         decoded_token_threshold=params.decoded_token_threshold,

@@ -182,7 +182,7 @@ def from_params(params: DecodingParams, model: DiffusionModel) -> FastDLLMPolicy
         block_length=params.effective_block_length(),
         temperature=float(params.temperature),
         remasking=params.remasking,
-        threshold=None if factor is not None else params.threshold,
+        threshold=None if factor is not None else params.resolved_threshold(),
         factor=factor,
         cache=params.cache,
         top_k=sampling_top_k(params),

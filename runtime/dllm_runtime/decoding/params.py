@@ -6,7 +6,7 @@ ignored by it; `validate()` rejects combinations that would silently do somethin
 (e.g. a KV cache with the plain LLaDA sampler) with a `ValueError` whose message starts with the
 field name, so the server can turn it into a 400 that points at the parameter.
 
-Defaults (why): Fast-dLLM with confidence threshold 0.9 and 32-token blocks. On LLaDA-8B-Instruct it
+Defaults (why): Fast-dLLM with confidence threshold 0.9 (`resolved_threshold`) and 32-token blocks. On LLaDA-8B-Instruct it
 keeps GSM8K accuracy within noise of the full LLaDA sampler while committing several tokens per
 forward (Fast-dLLM v1 paper, `eval_gsm8k.sh` settings; ALGORITHMS.md §3), and unlike a fixed step
 count its cost adapts to how easy each block is. The KV cache defaults to "none": the prefix/dual
@@ -31,6 +31,8 @@ ALGORITHMS = ("llada", "fast_dllm", "dream", "d3llm")
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+FAST_DLLM_DEFAULT_THRESHOLD = 0.9
+D3LLM_DEFAULT_ENTROPY_THRESHOLD = 0.5
 
 
 @dataclass
@@ -47,8 +49,10 @@ class DecodingParams:
     top_p: float | None = None
     top_k: int | None = None
     remasking: str = "low_confidence"
-    #: Fast-dLLM: commit every masked token whose confidence is >= threshold (at least one per step)
-    threshold: float | None = 0.9
+    #: Fast-dLLM: commit every masked token whose confidence is >= threshold (a probability);
+    #: d3LLM: commit masked tokens whose entropy is below it (nats). None = the algorithm's default,
+    #: see `resolved_threshold()`.
+    threshold: float | None = None
     #: Fast-dLLM factor rule; when set it takes precedence over `threshold`, as in the reference
     factor: float | None = None
     cache: str = "none"
@@ -85,6 +89,23 @@ class DecodingParams:
     def num_blocks(self) -> int:
         return self.generation_slots() // self.effective_block_length()
 
+    def resolved_threshold(self) -> float | None:
+        """The threshold the algorithm runs with; None selects Fast-dLLM's fixed per-step quota.
+
+        The same field means different things per algorithm (a confidence for Fast-dLLM, an entropy
+        bound for d3LLM), so an unset threshold resolves per algorithm instead of carrying one
+        algorithm's number into the other: Fast-dLLM 0.9 (its eval setting), d3LLM 0.5 (its chat
+        scripts). A Fast-dLLM request that sets `steps` (and no threshold/factor) asks for the
+        reference's fixed quota schedule, e.g. the paper's "+cache only" configuration.
+        """
+        if self.threshold is not None:
+            return self.threshold
+        if self.algorithm == "d3llm":
+            return D3LLM_DEFAULT_ENTROPY_THRESHOLD
+        if self.algorithm == "fast_dllm" and self.factor is None and self.steps is None:
+            return FAST_DLLM_DEFAULT_THRESHOLD
+        return None
+
     def resolved_steps(self) -> int:
         """`steps`, or one step per generation slot when unset (the quality-first choice)."""
         return self.steps if self.steps is not None else self.generation_slots()
@@ -115,7 +136,13 @@ class DecodingParams:
         if self.top_k is not None:
             _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
         _check(self.remasking in REMASKING, "remasking", f"must be one of {REMASKING}, got {self.remasking!r}")
-        if self.threshold is not None:
+        if self.threshold is not None and self.algorithm == "d3llm":
+            _check(
+                _is_num(self.threshold) and self.threshold > 0,
+                "threshold",
+                f"must be > 0 (d3LLM: an entropy bound in nats), got {self.threshold!r}",
+            )
+        elif self.threshold is not None:
             _check(
                 _is_num(self.threshold) and 0 < self.threshold <= 1,
                 "threshold",
