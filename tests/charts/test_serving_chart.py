@@ -4,6 +4,7 @@ schema rejects bad input."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -253,6 +254,18 @@ def test_alerts_select_this_model(render) -> None:
         assert 'model_name="m1"' in rule["expr"] or '"m1' in rule["expr"], rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["runbook_url"].startswith("https://")
+
+
+def test_every_runbook_anchor_is_a_troubleshooting_section(render) -> None:
+    from tests.cluster import ROOT
+
+    doc = (ROOT / "docs" / "troubleshooting.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", doc, re.MULTILINE)}
+    rules = one(render(SERVING), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    for rule in rules:
+        path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert path.endswith("docs/troubleshooting.md") and anchor in anchors, rule["alert"]
 
 
 @pytest.mark.parametrize("name", BAD_VALUES)
