@@ -83,9 +83,9 @@ class Kube:
             method=method, resource_path=path, query_params=params, header_params=headers,
             auth_settings=["BearerToken"],
         )
-        data = json.dumps(body) if body is not None else None
         try:
-            response = self._api.call_api(method, url, header_params=headers, body=data,
+            # The client's REST layer serializes dict bodies as JSON for json and apply-patch+yaml types.
+            response = self._api.call_api(method, url, header_params=headers, body=body,
                                           _request_timeout=self._timeout)
         except Exception as exc:  # connection refused, TLS, timeout: the API server is unreachable
             raise KubeError(0, "Unreachable", str(exc)) from exc

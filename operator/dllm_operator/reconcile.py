@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from . import api
+from . import API_VERSION, KIND, api
 from .config import OperatorSettings
 from .download_state import (
     DownloadFailure,
@@ -100,6 +100,26 @@ class Reconciler:
                 return self._reconcile(body, now or utcnow())
             except KubeError as exc:
                 if exc.retryable:
+                    raise UnreachableError(str(exc)) from exc
+                raise
+
+    def sync(self, namespace: str, name: str, now: dt.datetime | None = None) -> dict[str, Any] | None:
+        """Read the object fresh, reconcile it and write its status, all under the object's lock.
+
+        The single writer of `.status`: kopf's cached body can be older than a status written by an
+        overlapping pass (e.g. a Job event), so nothing here trusts a body handed in from outside.
+        Returns the status written, or None when the object is gone or being deleted.
+        """
+        with self._locks[(namespace, name)]:
+            try:
+                body = self.kube.get(API_VERSION, KIND, namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return None  # garbage collection takes the children; re-applying would fight it
+                status = self._reconcile(body, now or utcnow())
+                self.kube.patch_status(API_VERSION, KIND, namespace, name, status)
+                return status
+            except KubeError as exc:
+                if exc.retryable or exc.status == 404:
                     raise UnreachableError(str(exc)) from exc
                 raise
 

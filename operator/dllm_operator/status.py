@@ -15,9 +15,11 @@ CONDITION_TYPES = ("CacheReady", "RuntimeReady", "InferenceServiceReady", "Ready
 PHASES = ("Pending", "Downloading", "Deploying", "Ready", "Degraded", "Suspended", "Failed")
 
 
-def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int) -> dict[str, Any]:
+def condition(type_: str, ok: bool | None, reason: str, message: str | None, generation: int) -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
-    return {"type": type_, "status": status, "reason": reason, "message": message[:1024],
+    # Never an empty message: JSON merge patches on Kubernetes 1.20 turn "" into null, which the schema
+    # rejects; and an empty message tells the user nothing.
+    return {"type": type_, "status": status, "reason": reason or status, "message": (message or reason or status)[:1024],
             "observedGeneration": generation}
 
 
@@ -65,7 +67,9 @@ def _isvc_ready(isvc: dict | None) -> tuple[bool | None, str, str]:
     for cond in (isvc.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
             ok = {"True": True, "False": False}.get(cond.get("status"))
-            return ok, cond.get("reason") or ("Ready" if ok else "NotReady"), cond.get("message") or ""
+            reason = cond.get("reason") or ("Ready" if ok else "NotReady")
+            default = "KServe reports the InferenceService Ready" if ok else "KServe reports it not Ready"
+            return ok, reason, cond.get("message") or default
     return None, "Reconciling", "KServe has not reported the InferenceService's readiness yet"
 
 

@@ -138,6 +138,9 @@ def namespace(cluster) -> Iterator[str]:
     kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": name}})
     yield name
+    # Without a kubelet nothing releases kubernetes.io/pvc-protection; drop it so the namespace can go.
+    for pvc in kube.list("v1", "PersistentVolumeClaim", name):
+        merge(kube, PVC, name, pvc["metadata"]["name"], {"metadata": {"finalizers": None}})
     kube.request("DELETE", f"/api/v1/namespaces/{name}")
 
 
