@@ -46,7 +46,7 @@ chat template, `special_tokens_map.json`).
 |---|---|
 | architecture | LLaDA (`block_type: llama`): {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads, SwiGLU {cfg['mlp_hidden_size']}, RoPE θ {cfg['rope_theta']:g}, untied head, bidirectional |
 | parameters | {m['parameters'] / 1e6:.2f} M |
-| vocabulary | {cfg['vocab_size']}: byte-level BPE (digits split one per token) + `<\\|startoftext\\|>` {bos}, `<\\|endoftext\\|>` {cfg['eos_token_id']} (EOS = pad), `<\\|mdm_mask\\|>` {cfg['mask_token_id']}, `<\\|start_header_id\\|>`, `<\\|end_header_id\\|>`, `<\\|eot_id\\|>` |
+| vocabulary | {cfg['vocab_size']}: byte-level BPE (GPT-2 pre-tokenisation) + `<\\|startoftext\\|>` {bos}, `<\\|endoftext\\|>` {cfg['eos_token_id']} (EOS = pad), `<\\|mdm_mask\\|>` {cfg['mask_token_id']}, `<\\|start_header_id\\|>`, `<\\|end_header_id\\|>`, `<\\|eot_id\\|>` |
 | training data | GSM8K train ({m['train_rows']} rows of ≤ {a['max_seq_len']} tokens; MIT license), calculator annotations `<<…>>` removed |
 | objective | LLaDA masked diffusion: t ~ U(0,1] (stratified per batch), mask rate (1−ε)t+ε, CE on masked tokens weighted 1/t, normalised by the maskable length |
 | data format | LLaDA SFT rows (chat-template prompt never masked; answer + `<\\|eot_id\\|>` + `<\\|endoftext\\|>` padding masked), every {a['plain_every']}th row plain pre-training text (`<\\|startoftext\\|>` question + answer, masked anywhere) |

@@ -51,18 +51,21 @@ class TokenizerIds:
     vocab_size: int
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, split_digits: bool = False) -> Tokenizer:
     """Byte-level BPE over `texts` with `vocab_size` ids in total (BPE pieces + special tokens).
 
-    Digits are split one per token (as Llama/Qwen do for numbers) so that a tiny model composes
-    numbers from digits instead of memorising a few thousand whole numbers.
+    GPT-2's pre-tokenisation keeps a number together with its leading space (" 48"), so frequent
+    numbers become one token. `split_digits=True` (Llama/Qwen style) was tried first and hurt a
+    model this small: the lone space before every number and the digit "0" became the most
+    frequent tokens, and an under-trained masked-diffusion model then fills canvases with them.
     """
     n_bpe = vocab_size - len(SPECIAL_TOKENS)
     if n_bpe < 256 + 16:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (need > {256 + 16 + len(SPECIAL_TOKENS)})")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
