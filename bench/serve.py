@@ -136,6 +136,8 @@ async def run_engine(args: argparse.Namespace, prompts: list[str]) -> tuple[list
                       last.nfe if last else 0, None if ok else (last.error if last else "no output"))
 
     try:
+        if args.warmup:  # same warm-up as the HTTP mode gets, on this engine instance
+            await run_pool(1, load_prompts(args.warmup), one)
         return await run_pool(args.concurrency, prompts, one)
     finally:
         await engine.shutdown(timeout=5)
@@ -211,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--concurrency, --requests and --max-tokens must be >= 1")
-    prompts = load_prompts(args.requests + args.warmup)
-    runner = run_engine if args.engine_model else run_http
+    prompts = load_prompts(args.requests + args.warmup)[args.warmup:]
 
     async def go() -> tuple[list[Result], float]:
-        if args.warmup and not args.engine_model:
-            await runner(argparse.Namespace(**{**vars(args), "concurrency": 1}), prompts[: args.warmup])
-        return await runner(args, prompts[args.warmup:])
+        if args.engine_model:
+            return await run_engine(args, prompts)
+        if args.warmup:
+            await run_http(argparse.Namespace(**{**vars(args), "concurrency": 1}), load_prompts(args.warmup))
+        return await run_http(args, prompts)
 
     results, wall = asyncio.run(go())
     summary = summarize(results, wall, args)

@@ -29,8 +29,8 @@ from dllm_runtime.engine.request import (
     RequestValidationError,
 )
 from dllm_runtime.server import protocol, sse
-from dllm_runtime.server.errors import APIError, BadRequest, EngineFailure, QueueFull, Unavailable
-from dllm_runtime.server.model import DiffusionLMModel, Ticket
+from dllm_runtime.server.errors import APIError, BadRequest, EngineFailure, NotFound, QueueFull, Unavailable
+from dllm_runtime.server.model import DiffusionLMModel, Loaded, Ticket
 
 logger = logging.getLogger("dllm_runtime.server")
 
@@ -114,7 +114,7 @@ class OpenAIServing:
         return await self._run(request, job)
 
     # ------------------------------------------------------------------ validation
-    def _loaded(self):
+    def _loaded(self) -> Loaded:
         loaded = self.model.loaded
         if loaded is None or not self.model.ready:
             raise Unavailable("the model is not ready (loading or shutting down)", code="model_not_ready",
@@ -122,12 +122,10 @@ class OpenAIServing:
         return loaded
 
     def _check_model(self, name: str | None) -> None:
-        from dllm_runtime.server.errors import NotFound
-
         if name is not None and name != self.model.name:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def _encode_prompt(self, prompt: str | list[int], loaded) -> list[int]:
+    def _encode_prompt(self, prompt: str | list[int], loaded: Loaded) -> list[int]:
         if isinstance(prompt, str):
             ids = list(loaded.tokenizer(prompt)["input_ids"])
             if not ids:
