@@ -92,6 +92,7 @@ build() {
     have_binaries && return 0
     local why
     why=$(ensure_build_deps) || { echo "${why:-build dependencies missing}"; return 1; }
+    have_binaries && return 0   # only a runtime dependency (etcd) was missing
     mkdir -p "$KUBE_DIR" || { echo "cannot create $KUBE_DIR"; return 1; }
     # One build at a time (two `up`s in parallel would otherwise both compile).
     exec 9>"$KUBE_DIR/.build.lock"
