@@ -1,11 +1,13 @@
 """The one step loop: the planned forwards of many sequences as one batched model call.
 
 Used by the serving engine (continuous batching), `dllm-serve generate` and the conformance runner.
-Rows of different lengths share the projections/MLP as one right-padded `(N, Tmax)` batch, while
-attention runs per group of equal-length rows on unpadded keys (`ragged_sdpa`), so a row's logits
-are bit-identical alone or in any batch (per-request determinism). Rows that read a block KV cache
-attend to `cache[:offset] ++ new ++ cache[offset+T:]`, exactly the key order of the Fast-dLLM
-prefix/dual caches, so a batch of one reproduces the references bit for bit.
+Layout of the model call: rows of one length form a plain `(N, T)` batch; rows of different lengths
+are *packed* end to end into one `(1, sum T)` row, so projections and MLPs spend nothing on padding
+(vLLM-style varlen batching). Either way attention runs per group of equal-length rows on unpadded
+keys (`ragged_sdpa`), so a row's logits are bit-identical alone or in any batch (per-request
+determinism). Rows that read a block KV cache attend to `cache[:offset] ++ new ++ cache[offset+T:]`,
+exactly the key order of the Fast-dLLM prefix/dual caches, so a batch of one reproduces the
+references bit for bit.
 """
 
 from __future__ import annotations
@@ -26,11 +28,21 @@ class _Row:
     spec: ForwardSpec
     row: int  # row index inside spec (CFG has 2)
     length: int  # T of this row (unpadded)
+    b: int = 0  # where the row sits in the model call: batch index ...
+    start: int = 0  # ... and first token (packed rows share b = 0)
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """This row's slice of a `(B, T, ...)` tensor of the model call (ids, positions, logits)."""
+        return t[self.b, self.start : self.start + self.length]
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """This row's slice of a `(B, H, T, D)` attention tensor."""
+        return t[self.b, :, self.start : self.start + self.length]
 
 
 def ragged_sdpa(
     q: torch.Tensor,
-    q_lens: list[int],
+    rows: list[_Row],
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
     valids: list[torch.Tensor],
@@ -42,15 +54,21 @@ def ragged_sdpa(
     logits, enough to flip a near-tie in a top-k). Batch size and an all-true mask do not change
     results, so rows are grouped by (query length, key length) and each group is one SDPA call on
     unpadded tensors: a row's numbers depend only on its own tokens, never on who shares the batch.
-    `q` `(N, Hq, Tmax, D)`; row i attends with its first `q_lens[i]` queries to `keys[i]`
-    `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Padded query slots return 0.
+    `q` `(B, Hq, T, D)` holds row i's queries at `rows[i].heads`; it attends to `keys[i]`
+    `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Unused query slots return 0.
     """
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (t, k) in enumerate(zip(q_lens, keys)):
-        groups.setdefault((t, k.shape[1]), []).append(i)
-    out = None if len(groups) == 1 else q.new_zeros(q.shape)
+    for i, (r, k) in enumerate(zip(rows, keys)):
+        groups.setdefault((r.length, k.shape[1]), []).append(i)
+    plain = all(r.b == i and r.start == 0 for i, r in enumerate(rows)) and len(rows) == q.shape[0]
+    out = None if plain and len(groups) == 1 else q.new_zeros(q.shape)
     for (t, _), idx in groups.items():
-        qg = q[:, :, :t] if len(idx) == q.shape[0] else q[idx, :, :t]
+        if out is None:  # every row, one shape, at the front of its own batch row: no gather/scatter
+            qg = q[:, :, :t]
+        elif plain:
+            qg = q[idx, :, :t]
+        else:
+            qg = torch.stack([rows[i].heads(q) for i in idx])
         valid = torch.stack([valids[i] for i in idx])
         og = sdpa(
             qg,
@@ -58,27 +76,28 @@ def ragged_sdpa(
             torch.stack([values[i] for i in idx]),
             None if bool(valid.all()) else valid,
         )
-        if out is None:  # one group covering every row: no scatter
+        if out is None:
             return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
-        out[idx, :, :t] = og
+        for j, i in enumerate(idx):
+            r = rows[i]
+            out[r.b, :, r.start : r.start + t] = og[j]
     return out
 
 
 class RaggedAttention:
     """Full attention over each row's own tokens (no cache), invariant to batch composition."""
 
-    def __init__(self, lengths: list[int], valid: torch.Tensor) -> None:
-        self.lengths = lengths
-        self.valid = valid  # (N, Tmax), False = pad (left pad inside a row, or right fill)
+    def __init__(self, rows: list[_Row], valid: torch.Tensor) -> None:
+        self.rows = rows
+        self.valid = valid  # (B, T) of the model call, False = pad
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        n = range(len(self.lengths))
         return ragged_sdpa(
             q,
-            self.lengths,
-            [k[i, :, : self.lengths[i]] for i in n],
-            [v[i, :, : self.lengths[i]] for i in n],
-            [self.valid[i, : self.lengths[i]] for i in n],
+            self.rows,
+            [r.heads(k) for r in self.rows],
+            [r.heads(v) for r in self.rows],
+            [r.tokens(self.valid) for r in self.rows],
         )
 
 
@@ -87,13 +106,13 @@ class BatchedCacheAttention:
 
     def __init__(self, rows: list[_Row], new_valid: torch.Tensor) -> None:
         self.rows = rows
-        self.new_valid = new_valid  # (N, Tmax)
+        self.new_valid = new_valid  # (B, T) of the model call
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values, valids = [], [], []
-        for i, r in enumerate(self.rows):
+        for r in self.rows:
             kv = r.seq.kv
-            new_k, new_v, new_valid = k[i, :, : r.length], v[i, :, : r.length], self.new_valid[i, : r.length]
+            new_k, new_v, new_valid = r.heads(k), r.heads(v), r.tokens(self.new_valid)
             if r.spec.store_cache:
                 self._store(layer, r, new_k, new_v, new_valid)
             if r.spec.use_cache:
@@ -107,7 +126,7 @@ class BatchedCacheAttention:
                 keys.append(new_k)
                 values.append(new_v)
                 valids.append(new_valid)
-        return ragged_sdpa(q, [r.length for r in self.rows], keys, values, valids)
+        return ragged_sdpa(q, self.rows, keys, values, valids)
 
     @staticmethod
     def _store(layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
@@ -132,29 +151,37 @@ def batched_forward(
 ) -> list[torch.Tensor]:
     """Run every spec in one model call; returns each spec's logits `(R, T, V)`.
 
-    `min_tokens` pads the `(N, Tmax)` batch with pad columns until `N * Tmax >= min_tokens`. Why:
-    CPU GEMMs (MKL sgemm) take a different kernel / thread split when the row count M is small
-    (measured with torch 2.13: M < 4 at 1 thread, M < 12 at 2, M < 28 at 16), so a tiny forward
-    alone would round differently from the same rows inside a bigger batch. Above that size every
-    output row is computed the same way whatever M is, so padding small forwards makes a row's
-    logits independent of batch size. 0 (the default: conformance, `generate`) pads nothing.
+    Rows of one length are a plain `(N, T)` batch (a single spec always is: the conformance path
+    is the reference's own layout); rows of different lengths are packed into `(1, sum T)`.
+    `min_tokens` pads the call with pad tokens until it has at least that many. Why: CPU GEMMs
+    (MKL sgemm) take a different kernel / thread split when the row count M is small (measured
+    with torch 2.13: M < 4 at 1 thread, M < 12 at 2, M < 28 at 16), so a tiny forward alone would
+    round differently from the same tokens inside a bigger batch. Above that size every output row
+    is computed the same way whatever M is, so padding small forwards makes a row's logits
+    independent of batch size. 0 (the default: conformance, `generate`) pads nothing.
     """
     rows: list[_Row] = []
     for seq, spec in work:
         for r in range(spec.input_ids.shape[0]):
             rows.append(_Row(seq, spec, r, spec.input_ids.shape[1]))
-    tmax = max(r.length for r in rows)
-    if len(rows) * tmax < min_tokens:
-        tmax = -(-min_tokens // len(rows))
+    packed = len({r.length for r in rows}) > 1
+    if packed:
+        at = 0
+        for r in rows:
+            r.start, at = at, at + r.length
+        shape = (1, max(at, min_tokens))
+    else:
+        for i, r in enumerate(rows):
+            r.b = i
+        shape = (len(rows), max(rows[0].length, -(-min_tokens // len(rows))))
     device = work[0][1].input_ids.device
-    pad_id = model.special_ids.pad
-    ids = torch.full((len(rows), tmax), pad_id, dtype=torch.long, device=device)
-    pos = torch.zeros((len(rows), tmax), dtype=torch.long, device=device)
-    valid = torch.zeros((len(rows), tmax), dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        ids[i, : r.length] = r.spec.input_ids[r.row]
-        pos[i, : r.length] = r.spec.positions[r.row]
-        valid[i, : r.length] = True if r.spec.valid is None else r.spec.valid[r.row]
+    ids = torch.full(shape, model.special_ids.pad, dtype=torch.long, device=device)
+    pos = torch.zeros(shape, dtype=torch.long, device=device)
+    valid = torch.zeros(shape, dtype=torch.bool, device=device)
+    for r in rows:
+        r.tokens(ids)[:] = r.spec.input_ids[r.row]
+        r.tokens(pos)[:] = r.spec.positions[r.row]
+        r.tokens(valid)[:] = True if r.spec.valid is None else r.spec.valid[r.row]
 
     uses_cache = any(s.use_cache or s.store_cache for _, s in work)
     if uses_cache:
@@ -163,16 +190,19 @@ def batched_forward(
                 seq.state["_num_layers"] = model.num_layers
                 seq.kv = None  # a storing forward rebuilds the cache from scratch
         attention: AttentionContext = BatchedCacheAttention(rows, valid)
-    elif all(r.length == tmax for r in rows):  # one shape: a plain batch is already exact
+    elif not packed and rows[0].length == shape[1]:  # one shape, no padding: a plain batch is exact
         attention = KeyMaskAttention(None if bool(valid.all()) else valid)
     else:
-        attention = RaggedAttention([r.length for r in rows], valid)
+        attention = RaggedAttention(rows, valid)
     logits = model(ids, pos, attention)
 
     out, i = [], 0
     for seq, spec in work:
         n, t = spec.input_ids.shape
-        out.append(logits[i : i + n, :t])
+        if packed:
+            out.append(torch.stack([r.tokens(logits) for r in rows[i : i + n]]))
+        else:
+            out.append(logits[i : i + n, :t])
         i += n
     return out
 
