@@ -149,3 +149,31 @@ def test_sigterm_with_no_grace_aborts_in_flight(tmp_path, tiny_llada_dir, grace)
         assert server.proc.wait(60) == 0
     finally:
         server.terminate()
+
+
+def test_sigterm_while_loading_exits_promptly(tmp_path):
+    """A rollout that stops a pod still waiting for (or loading) its weights must not hang until the
+    load would have finished: the load is abandoned and the process exits 0."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    server = ServerProcess("--model", str(folder), "--model-wait-timeout", "600", "--served-model-name", "m",
+                           log_path=tmp_path / "server.log")
+    try:
+        server.wait_live()
+        assert httpx.get(server.base_url + "/v1/models/m").status_code == 503
+        started = time.monotonic()
+        server.proc.send_signal(15)
+        assert server.proc.wait(30) == 0, server.log()[-2000:]
+        assert time.monotonic() - started < 30
+        assert "not starting the engine" in server.log()
+    finally:
+        server.terminate()
+
+
+def test_model_that_fails_to_load_exits_1_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    from tests.runtime.server_process import free_port
+
+    result = run_cli("--model", str(tmp_path), "--port", str(free_port()), "--host", "127.0.0.1")
+    assert result.returncode == 1
+    assert "failed to load model" in result.stderr and "safetensors" in result.stderr  # the reason, not a traceback

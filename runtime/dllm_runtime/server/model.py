@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,31 +69,56 @@ class DiffusionLMModel(kserve.Model):
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stopping = asyncio.Event()  # set by drain/unload: a load still running is abandoned
 
     # ------------------------------------------------------------------ kserve lifecycle
     def start(self) -> None:
         """kserve calls this at registration; readiness waits for `start_engine` instead."""
 
     async def start_engine(self) -> None:
-        """Load weights off the event loop, then start the engine and become ready."""
-        try:
-            self.loaded = await asyncio.to_thread(self._load_blocking)
-        except Exception as exc:  # any load failure is fatal for this process: say why, exit non-zero
+        """Load weights off the event loop, then start the engine and become ready.
+
+        The load runs in a daemon thread rather than the loop's executor: a SIGTERM during a long
+        load must let the process exit now, and `asyncio.run` joins executor threads on the way out.
+        """
+        loop = asyncio.get_running_loop()
+        loading: asyncio.Future[Loaded] = loop.create_future()
+
+        def target() -> None:
+            try:
+                result, error = self._load_blocking(), None
+            except Exception as exc:  # reported on the loop below
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+                loop.call_soon_threadsafe(_resolve, loading, result, error)
+
+        threading.Thread(target=target, name="dllm-load", daemon=True).start()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            logger.info("shutdown requested while loading %s: not starting the engine", self.model_path)
+            return
+        if loading.exception() is not None:  # any load failure is fatal for this process: say why, exit 1
+            exc = loading.exception()
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("failed to load model from %s: %s", self.model_path, self.load_error)
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
             return
+        self.loaded = loading.result()
         self.metrics.bind_engine(self.loaded.engine.stats)
+        if self._stopping.is_set():
+            return
         self.loaded.engine.start()
-        if not self.draining:
-            self.ready = True
-            logger.info("model %r ready (%s, max_model_len=%d)", self.name, self.loaded.model_type,
-                        self.loaded.max_model_len)
+        self.ready = True
+        logger.info("model %r ready (%s, max_model_len=%d)", self.name, self.loaded.model_type,
+                    self.loaded.max_model_len)
 
     def stop_engine(self) -> None:
-        """kserve calls this on unload (after the HTTP server stopped); the drain already ran."""
+        """kserve calls this on unload (after the HTTP server stopped); the drain, if any, already ran."""
         self.ready = False
+        self._stopping.set()
 
     async def healthy(self) -> bool:
         return self.ready and self.loaded is not None and not self.draining and self.loaded.engine.is_running
@@ -153,6 +179,7 @@ class DiffusionLMModel(kserve.Model):
         """Stop admitting, wait up to `grace_period` s for in-flight requests, then stop the engine."""
         self.draining = True
         self.ready = False
+        self._stopping.set()
         logger.info("draining: %d request(s) in flight, grace period %.1fs", self.inflight, grace_period)
         started = time.monotonic()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -165,6 +192,15 @@ class DiffusionLMModel(kserve.Model):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=1.0)
         logger.info("drained in %.1fs (%d request(s) cut short)", time.monotonic() - started, self.inflight)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class Ticket:
