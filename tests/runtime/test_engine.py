@@ -130,10 +130,17 @@ DREAM_MIX = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+# Equal prompt and canvas lengths: the forward is a plain (N, T) batch instead of packed rows.
+SAME_LENGTH_MIX = [
+    (f"same{i}", f"prompt {i}", dict(algorithm=alg, max_tokens=16, block_length=8, steps=8 if alg == "llada" else None, seed=i, temperature=t))
+    for i, (alg, t) in enumerate([("llada", 0.0), ("llada", 0.9), ("fast_dllm", 0.0), ("fast_dllm", 0.5)])
+]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "same_length"])
 async def test_batched_results_equal_alone(family: str, llada: DiffusionModel, dream: DiffusionModel) -> None:
     """N concurrent mixed requests produce exactly the tokens and NFE each produces alone."""
-    model, mix = (llada, LLADA_MIX) if family == "llada" else (dream, DREAM_MIX)
+    model, mix = {"llada": (llada, LLADA_MIX), "dream": (dream, DREAM_MIX), "same_length": (llada, SAME_LENGTH_MIX)}[family]
     engine, rec = started(model, max_num_seqs=16)
     try:
         alone = {name: await collect(engine, req(name, p, **kw)) for name, p, kw in mix}

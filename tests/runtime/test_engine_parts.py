@@ -144,3 +144,41 @@ def test_engine_config_rejects_nonsense_limits() -> None:
         EngineConfig(max_num_batched_tokens=100, max_model_len=200).validate()
     with pytest.raises(ValueError, match="min_forward_tokens"):
         EngineConfig(min_forward_tokens=-1).validate()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("model_name", ["llada_tiny", "dream_tiny"])
+def test_batched_forward_logits_do_not_depend_on_the_batch(model_name: str, threads: int) -> None:
+    """Bit-identical logits for a spec alone, in a packed mixed-length batch and in a plain batch.
+
+    Covers the two batch-composition effects the step loop neutralises (see engine/step.py):
+    padded attention keys, and MKL's small-M GEMM kernels (with `min_tokens`).
+    """
+    import torch
+
+    from dllm_runtime.decoding.base import ForwardSpec, RandomSource, Sequence
+    from dllm_runtime.engine.step import batched_forward
+    from tests.runtime.golden_replay import tiny_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = tiny_model(model_name)
+        gen = torch.Generator().manual_seed(0)
+
+        def spec(length: int, rows: int = 1, left_pad: int = 0) -> tuple[Sequence, ForwardSpec]:
+            ids = torch.randint(0, 248, (rows, length), generator=gen)
+            valid = torch.ones(rows, length, dtype=torch.bool)
+            valid[:, :left_pad] = False
+            seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
+            return seq, ForwardSpec(ids, model.position_ids(valid), valid if left_pad else None)
+
+        mixed = [spec(5), spec(9), spec(17, rows=2), spec(30, left_pad=3), spec(40), spec(9)]
+        same = [spec(12), spec(12, rows=2), spec(12)]
+        for work in (mixed, same):
+            alone = [batched_forward(model, [w], min_tokens=64)[0] for w in work]
+            together = batched_forward(model, work, min_tokens=64)
+            for a, b in zip(alone, together):
+                assert a.shape == b.shape and torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
