@@ -5,8 +5,9 @@ and enqueues a request, then awaits its per-request `asyncio.Queue`. One worker 
 model, the device and every `Sequence`; it loops: apply cancellations, admit waiting requests
 (`Scheduler`), run one batched forward over every running sequence (`engine.step.run_step`, the
 same loop the conformance runner uses), then turn each sequence's newly finalised prefix into a
-`GenerationOutput` and hand it to its loop with `loop.call_soon_threadsafe`. The loop is never
-blocked by a forward; the worker never touches asyncio objects except through that call.
+`GenerationOutput` and hand the step's outputs to their loop with one `loop.call_soon_threadsafe`.
+The loop is never blocked by a forward; the worker never touches asyncio objects except through
+that call.
 
 Shared state (waiting queue, cancel set, counters) is guarded by one lock held only for
 bookkeeping, never across a forward.
