@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
 
 import httpx
 import openai
@@ -30,14 +32,14 @@ def server(tiny_llada_dir, tmp_path_factory):
     proc = ServerProcess(
         "--model", str(tiny_llada_dir), "--served-model-name", NAME, "--api-key", API_KEY,
         "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(BODY_LIMIT), "--max-n", "4",
-        "--default-max-tokens", "4", "--trust-remote-code",
+        "--default-max-tokens", "4", "--trust-remote-code", "--grace-period", "0",
         env={"DLLM_MAX_NUM_SEQS": "16"}, log_path=log,
     )
     try:
         proc.wait_ready(NAME)
         yield proc
     finally:
-        code = proc.terminate()
+        code = proc.terminate()  # normally already stopped by the last test
         assert code == 0, proc.log()[-3000:]
 
 
@@ -321,3 +323,21 @@ def test_many_concurrent_streams_with_disconnects(server):
     assert server.metric("dllm:kv_cache_bytes") == 0
     server.wait_metric("dllm:request_errors_total", lambda v: v == aborted + len(leavers), reason="aborted")
     assert server.metric("vllm:request_success_total") == success + total - len(leavers)
+
+
+# ------------------------------------------------------------------------------ shutdown (runs last)
+
+
+def test_sigterm_with_grace_spent_aborts_in_flight_and_exits_0(server):
+    """This server runs with --grace-period 0: a SIGTERM ends in-flight requests at once with
+    finish_reason "abort" (the client still gets a well-formed answer) and the process exits 0.
+    (Draining *with* a grace period is covered in test_server_lifecycle.py.)"""
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", post(server, C, LONG)))
+    t.start()
+    server.wait_metric("vllm:num_requests_running", lambda v: v == 1)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert result["r"].status_code == 200
+    assert result["r"].json()["choices"][0]["finish_reason"] == "abort"
+    assert server.proc.wait(60) == 0
