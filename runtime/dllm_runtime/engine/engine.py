@@ -67,6 +67,7 @@ class _Tracked:
     first_token: float | None = None
     steps: int = 0
     prefix_seen: int = 0  # committed-prefix length already scanned for stop ids
+    prefix_emitted: int = 0  # committed-prefix length already handed to the detokenizer
     error: str | None = None
     done: bool = False  # final output handed to the loop
     running: bool = False
@@ -409,6 +410,9 @@ class AsyncEngine:
             tracked.prefix_seen = prefix_len
         if reason is None and (prefix_len >= tracked.max_tokens or seq.finished):
             reason = "length"
+        if reason is None and prefix_len == tracked.prefix_emitted:
+            return  # nothing newly finalised this step
+        tracked.prefix_emitted = prefix_len
         tokens = gen[:prefix_len]
         if seq.finished:
             # the policy may end with slots still masked (e.g. a dual-cache run out of steps): keep
