@@ -73,7 +73,7 @@ def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
         r = httpx.get(server.base_url + f"/v1/models/{NAME}")
         assert r.status_code == 503 and r.json()["ready"] is False
         assert httpx.get(server.base_url + f"/v2/models/{NAME}/ready").status_code == 503
-        assert httpx.get(server.base_url + "/health").status_code == 503
+        assert httpx.get(server.base_url + "/health").status_code == 200  # alive: a liveness probe must not kill it
         r = _post(server, {"prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
         assert r.headers["Retry-After"] == "3"

@@ -124,11 +124,16 @@ class Routes:
 
     # ---------------------------------------------------------------- health
     async def health(self) -> Response:
-        """vLLM's /health: 200 while the engine can serve (draining included: liveness stays up)."""
+        """Liveness: 200 while the process makes progress (loading, serving, draining), 503 once the
+        engine has died or the load failed, so a livenessProbe here restarts a wedged pod without
+        killing one that is still loading large weights (readiness is separate)."""
         loaded = self.model.loaded
-        if loaded is not None and (loaded.engine.is_running or self.model.draining):
-            return Response(status_code=200)
-        return JSONResponse(Unavailable("engine not running", code="engine_not_running").body(), status_code=503)
+        dead = self.model.load_error is not None or (
+            loaded is not None and self.model.ready and not loaded.engine.is_running
+        )
+        if dead:
+            return JSONResponse(Unavailable("engine not running", code="engine_not_running").body(), status_code=503)
+        return Response(status_code=200)
 
 
 def register_routes(app: FastAPI, model: DiffusionLMModel, serving: OpenAIServing) -> Routes:
