@@ -50,6 +50,14 @@ NFE_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("fast_dllm factor 1.0", {"algorithm": "fast_dllm", "factor": 1.0}),
     ("d3llm threshold 0.5 multi-block", {"algorithm": "d3llm", "threshold": 0.5}),
 ]
+#: rows for a Dream-family model (right-shifted logits)
+DREAM_NFE_ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("dream entropy steps=gen", {"algorithm": "dream", "alg": "entropy"}),
+    ("dream maskgit_plus steps=gen", {"algorithm": "dream", "alg": "maskgit_plus"}),
+    ("dream topk_margin steps=gen/2", {"algorithm": "dream", "alg": "topk_margin", "steps": "half"}),
+    ("dream origin T=0.5 steps=gen", {"algorithm": "dream", "alg": "origin", "temperature": 0.5}),
+    ("d3llm (Dream) threshold 0.5 multi-block", {"algorithm": "d3llm", "threshold": 0.5}),
+]
 
 
 class StepCounter:
@@ -170,15 +178,20 @@ def forward_ceiling(model: Any, canvas: int, levels: list[int], repeats: int = 1
     return {c: c * times[levels[0]] / (levels[0] * times[c]) for c in levels}
 
 
-async def nfe_table(model: Any, tokenizer: Any, args: argparse.Namespace, workload: list[list[int]]) -> list[dict]:
+async def nfe_table(
+    model: Any, tokenizer: Any, args: argparse.Namespace, workload: list[list[int]], rows_spec: list[tuple[str, dict]]
+) -> list[dict]:
     engine = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=1))
     engine.start()
     rows = []
     try:
-        for label, overrides in NFE_ROWS:
+        for label, overrides in rows_spec:
             finals = []
             for i, prompt in enumerate(workload):
-                params = base_params(args, **{"steps": None, "threshold": None, **overrides})
+                values = {"steps": None, "threshold": None, "seed": i, **overrides}
+                if values["steps"] == "half":
+                    values["steps"] = max(1, args.max_tokens // 2)
+                params = base_params(args, **values)
                 async for out in engine.generate(GenerationRequest(f"n{i}", prompt, params)):
                     if out.finished:
                         finals.append(out)
@@ -188,6 +201,23 @@ async def nfe_table(model: Any, tokenizer: Any, args: argparse.Namespace, worklo
     finally:
         await engine.shutdown(10)
     return rows
+
+
+def load_dream(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """The Dream-family model for the NFE table: `--dream-model`, else the golden tiny Dream."""
+    if args.dream_model:
+        from dllm_runtime.tokenizer import load_tokenizer
+
+        return load_model(args.dream_model, dtype=args.dtype, device=args.device), load_tokenizer(args.dream_model)
+    if args.model:
+        return None  # a real LLaDA-family run: no golden stand-in mixed into its table
+    from tests.helpers.byte_tokenizer import ByteTokenizer
+
+    special = SpecialIds(mask=250, eos=251, pad=251, eot=252, bos=248)
+    model = load_model_files(
+        GOLDEN / "dream_tiny_config.json", [GOLDEN / "dream_tiny.safetensors"], device=args.device, special_ids=special
+    )
+    return model, ByteTokenizer()
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -226,7 +256,10 @@ async def main_async(args: argparse.Namespace) -> dict:
         "bare-forward ceiling (rows per CPU-second at batch c vs batch 1, " + f"{canvas}-token rows): "
         + ", ".join(f"c{c} {x:.2f}x" for c, x in ceiling.items())
     )
-    table = await nfe_table(model, tokenizer, args, workload[: args.nfe_requests])
+    table = await nfe_table(model, tokenizer, args, workload[: args.nfe_requests], NFE_ROWS)
+    dream = load_dream(args)
+    if dream is not None:
+        table += await nfe_table(*dream, args, workload[: args.nfe_requests], DREAM_NFE_ROWS)
     print(f"\nNFE per request ({args.nfe_requests} requests each, alone):")
     print(f"{'policy / cache':<42} {'nfe':>7} {'tokens':>7} {'tok/fwd':>8}")
     for row in table:
@@ -239,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder (default: the golden tiny LLaDA)")
     parser.add_argument("--tiny-width", type=int, default=0, help="instead: a random tiny LLaDA of this width")
     parser.add_argument("--tiny-layers", type=int, default=1)
+    parser.add_argument("--dream-model", help="Dream-family folder for the NFE table (default: golden tiny Dream)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
