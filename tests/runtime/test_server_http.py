@@ -118,6 +118,26 @@ def test_n_choices_count_prompt_once(client):
     assert two.usage.prompt_tokens == one.usage.prompt_tokens
 
 
+def test_streamed_choices_match_non_streamed(client):
+    """n=2 over two prompts = 4 interleaved streamed choices, each equal to its non-streamed twin."""
+    kw = dict(model=NAME, prompt=["First prompt", "Second one"], n=2, max_tokens=4, temperature=1.0, seed=11,
+              extra_body={"algorithm": "llada", "steps": 4, "block_length": 4})
+    whole = client.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    streamed: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert streamed == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    single = client.completions.create(model=NAME, prompt="First prompt", max_tokens=1)
+    second = client.completions.create(model=NAME, prompt="Second one", max_tokens=1)
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens + second.usage.prompt_tokens
+
+
 def test_chat_completion(client):
     out = client.chat.completions.create(
         model=NAME, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
