@@ -138,10 +138,17 @@ def namespace(cluster) -> Iterator[str]:
     kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": name}})
     yield name
-    # Without a kubelet nothing releases kubernetes.io/pvc-protection; drop it so the namespace can go.
-    for pvc in kube.list("v1", "PersistentVolumeClaim", name):
-        merge(kube, PVC, name, pvc["metadata"]["name"], {"metadata": {"finalizers": None}})
     kube.request("DELETE", f"/api/v1/namespaces/{name}")
+    # Without a kubelet nothing releases kubernetes.io/pvc-protection; drop it so the namespace can go.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and kube.get("v1", "Namespace", None, name):
+        for pvc in kube.list("v1", "PersistentVolumeClaim", name):
+            if pvc["metadata"].get("finalizers"):
+                try:
+                    merge(kube, PVC, name, pvc["metadata"]["name"], {"metadata": {"finalizers": None}})
+                except KubeError:
+                    pass  # gone meanwhile
+        time.sleep(0.5)
 
 
 def dlm(name: str, namespace: str, **spec: Any) -> dict:
