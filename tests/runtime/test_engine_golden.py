@@ -55,7 +55,7 @@ def request(case: dict[str, Any], ignore_eos: bool) -> GenerationRequest:
     params = DecodingParams(
         algorithm="llada", max_tokens=gen, block_length=gen, steps=gen, seed=case["seed_before_call"], extra={"case": case}
     )
-    params.ignore_eos = ignore_eos  # vLLM's flag; read by the engine with getattr (see engine.py)
+    params.ignore_eos = ignore_eos  # vLLM's flag, a DecodingParams field
     return GenerationRequest(case["name"], case["prompt"][0], params)
 
 

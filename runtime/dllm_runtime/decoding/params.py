@@ -71,6 +71,8 @@ class DecodingParams:
     #: d3LLM: once an EOS is decoded, fill everything after it with EOS and stop (the d3LLM chat default)
     early_stop: bool = True
     seed: int | None = None
+    #: vLLM's `ignore_eos`: keep decoding past EOS/EoT until `max_tokens` (benchmarks, fidelity runs)
+    ignore_eos: bool = False
     #: free-form extras for algorithms added later (kept so `replace`/`from_dict` round-trip)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,7 +167,9 @@ class DecodingParams:
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
         _check(_is_num(self.alg_temp) and self.alg_temp >= 0, "alg_temp", f"must be >= 0, got {self.alg_temp!r}")
         _check(_is_num(self.eps) and 0 <= self.eps < 1, "eps", f"must be in [0, 1), got {self.eps!r}")
-        _check(isinstance(self.early_stop, bool), "early_stop", f"must be a boolean, got {self.early_stop!r}")
+        for name in ("early_stop", "ignore_eos"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), name, f"must be a boolean, got {value!r}")
         for name in ("block_add_threshold", "decoded_token_threshold"):
             value = getattr(self, name)
             _check(_is_num(value) and 0 <= value <= 1, name, f"must be in [0, 1], got {value!r}")

@@ -260,7 +260,7 @@ class AsyncEngine:
             arrival=time.monotonic(),
             max_tokens=params.max_tokens,
             # read with getattr: DecodingParams gains the field where its owner adds it
-            ignore_eos=bool(getattr(params, "ignore_eos", False)),
+            ignore_eos=params.ignore_eos,
         )
         with self._wakeup:
             if self._state != _RUNNING:
