@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.params import ALGORITHMS, DecodingParams
 
 from .config import OperatorSettings
 
@@ -252,14 +252,23 @@ def _parse_decoding(decoding: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise SpecError(f"decoding.{unknown[0]}", "unknown decoding setting")
     values = {k: v for k, v in decoding.items() if v is not None}
-    try:
-        # One set of rules for the server, the engine and the operator: DecodingParams.validate().
-        # An unset algorithm is checked as the runtime's default one.
-        DecodingParams.from_dict({DECODING_FLAGS[k][1]: v for k, v in values.items()}).validate()
-    except ValueError as exc:
-        field_name, _, message = str(exc).partition(": ")
-        camel = {snake: crd for crd, (_, snake) in DECODING_FLAGS.items()}.get(field_name, field_name)
-        raise SpecError(f"decoding.{camel}", message or str(exc)) from None
+    snake = {DECODING_FLAGS[k][1]: v for k, v in values.items()}
+    # One set of rules for the server, the engine and the operator: DecodingParams.validate(). Without an
+    # algorithm the server picks the model family's own, which is unknown here: any algorithm that
+    # accepts the settings will do, else the runtime default's complaint is reported.
+    candidates = [snake] if "algorithm" in snake else [snake] + [{**snake, "algorithm": a} for a in ALGORITHMS]
+    first_error: ValueError | None = None
+    for candidate in candidates:
+        try:
+            DecodingParams.from_dict(candidate).validate()
+            break
+        except ValueError as exc:
+            first_error = first_error or exc
+    else:
+        assert first_error is not None
+        field_name, _, message = str(first_error).partition(": ")
+        camel = {s: crd for crd, (_, s) in DECODING_FLAGS.items()}.get(field_name, field_name)
+        raise SpecError(f"decoding.{camel}", message or str(first_error))
     return {k: values[k] for k in DECODING_FLAGS if k in values}
 
 

@@ -51,6 +51,13 @@ def test_cross_field_errors_name_the_field(spec, field):
     assert str(info.value).startswith(field + ": ")
 
 
+def test_unset_algorithm_accepts_settings_some_model_family_uses():
+    # top_p is Dream's; the server picks Dream's sampler for a Dream model when no algorithm is set.
+    assert api.parse(dlm_body(model={"uri": "hf://Dream-org/Dream-v0-Instruct-7B"}, decoding={"topP": 0.95}))
+    with pytest.raises(api.SpecError, match="decoding.topP"):
+        api.parse(dlm_body(decoding={"topP": 1.5}))
+
+
 def test_long_names_are_rejected_before_kserve_would():
     with pytest.raises(api.SpecError, match="metadata.name"):
         api.parse(dlm_body(name="x" * 54))
