@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -112,6 +113,15 @@ def install_crds(kubeconfig: str, paths: Iterable[Path], timeout: float = 120) -
             assert "AlreadyExists" in proc.stderr, proc.stderr
             kubectl("replace", "--validate=false", "-f", "-", kubeconfig=kubeconfig, input=text, timeout=timeout)
     names = [d["metadata"]["name"] for d in docs]
-    kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-            *[f"crd/{n}" for n in names], kubeconfig=kubeconfig, timeout=timeout + 10)
-    return names
+    # Polled rather than `kubectl wait`, which errors out while a just-created CRD has no conditions yet.
+    query = '{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Established")].status}{"\\n"}{end}'
+    deadline = time.monotonic() + timeout
+    while True:
+        out = kubectl("get", "crd", "-o", f"jsonpath={query}", kubeconfig=kubeconfig).stdout
+        established = {line.split("=")[0] for line in out.splitlines() if line.endswith("=True")}
+        pending = set(names) - established
+        if not pending:
+            return names
+        if time.monotonic() > deadline:
+            raise AssertionError(f"CRDs not Established after {timeout}s: {sorted(pending)}")
+        time.sleep(0.5)
