@@ -193,6 +193,19 @@ def summarize(results: list[Result], wall_s: float, args: argparse.Namespace) ->
     }
 
 
+def scrape_e2e(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of `vllm:e2e_request_latency_seconds` on a dllm-serve/vLLM /metrics page."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(metrics_url, timeout=30).text.splitlines():
+        if line.startswith("vllm:e2e_request_latency_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:e2e_request_latency_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1", help="OpenAI base URL (ends in /v1)")
@@ -210,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-body", default="{}", help='JSON merged into each request, e.g. \'{"steps": 16}\'')
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not measured) before the run")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--metrics-url", default=None, help="the server's /metrics: also report the HTTP layer's "
+                   "latency (client e2e minus the engine's own e2e histogram over the same requests)")
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--concurrency, --requests and --max-tokens must be >= 1")
@@ -218,16 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     async def go() -> tuple[list[Result], float]:
         if args.engine_model:
             return await run_engine(args, prompts)
-        if args.warmup:
-            await run_http(argparse.Namespace(**{**vars(args), "concurrency": 1}), load_prompts(args.warmup))
         return await run_http(args, prompts)
 
+    if args.warmup and not args.engine_model:
+        asyncio.run(run_http(argparse.Namespace(**{**vars(args), "concurrency": 1}), load_prompts(args.warmup)))
+    before = scrape_e2e(args.metrics_url) if args.metrics_url else None
     results, wall = asyncio.run(go())
     summary = summarize(results, wall, args)
+    if before is not None:
+        after = scrape_e2e(args.metrics_url)
+        n = after[1] - before[1]
+        if n and summary["e2e_ms_mean"] is not None:
+            engine_mean_ms = (after[0] - before[0]) / n * 1000
+            summary["engine_e2e_ms_mean"] = round(engine_mean_ms, 1)
+            summary["http_overhead_ms_mean"] = round(summary["e2e_ms_mean"] - engine_mean_ms, 1)
     print(json.dumps(summary))
     print(f"{summary['mode']}: c={args.concurrency} {summary['req_per_s']} req/s, {summary['output_tok_per_s']} tok/s, "
           f"TTFT p50/p99 {summary['ttft_ms_p50']}/{summary['ttft_ms_p99']} ms, e2e p50/p99 "
-          f"{summary['e2e_ms_p50']}/{summary['e2e_ms_p99']} ms, failed {summary['failed']}", file=sys.stderr)
+          f"{summary['e2e_ms_p50']}/{summary['e2e_ms_p99']} ms, failed {summary['failed']}"
+          + (f", HTTP layer {summary['http_overhead_ms_mean']} ms/request" if "http_overhead_ms_mean" in summary else ""),
+          file=sys.stderr)
     return 0 if summary["failed"] == 0 else 1
 
 
