@@ -5,6 +5,9 @@ so requests arriving during a rollout would see connection errors. Here SIGTERM 
 the listener stays open, readiness and new requests answer 503 (so the endpoint is removed and
 clients retry elsewhere), in-flight requests get `--grace-period` seconds to finish, and only then
 uvicorn's own shutdown runs. A second SIGTERM/SIGINT exits at once.
+
+It relies on two kserve 0.21 details, both pinned (pyproject `kserve>=0.21`, hack/constraints.txt):
+`RESTServer`'s constructor and its uvicorn server at `RESTServer._server` (for `started`/`should_exit`).
 """
 
 from __future__ import annotations
