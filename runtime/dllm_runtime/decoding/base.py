@@ -10,11 +10,16 @@ that one loop, so there is no second "reference" decoding loop to drift from the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from dllm_runtime.models.base import SpecialIds
+
+#: a model's RoPE rule: `valid` `(B, L)` bool (non-pad) -> positions `(B, L)`; policies take it as
+#: a function so the conformance runner can decode without a model at hand
+PositionFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RandomSource:
@@ -117,6 +122,12 @@ class Sequence:
 
     def cache_bytes(self) -> int:
         return self.kv.nbytes() if self.kv is not None else 0
+
+
+def canvas_positions(seq: Sequence, position_ids: PositionFn) -> torch.Tensor:
+    """RoPE positions of the whole canvas from the model's rule (Dream skips left pads)."""
+    valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
+    return position_ids(valid)
 
 
 class DecodingPolicy(ABC):

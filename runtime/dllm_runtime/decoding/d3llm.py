@@ -26,22 +26,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
 from dllm_runtime.decoding.dream import (
-    PositionFn,
     reject_unused,
-    canvas_positions,
-    dream_position_ids,
     shift_right,
     source_rows,
 )
-from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import gumbel
 from dllm_runtime.decoding.registry import ReferenceDecoder, ReferenceFactory, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
+from dllm_runtime.models.dream import dream_position_ids
+from dllm_runtime.models.llada import llada_position_ids
 
 VARIANTS = ("llada", "dream")
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,7 @@ class D3LLMSettings:
                 raise ValueError(f"{name}: must be in [0, 1], got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature: must be >= 0, got {self.temperature!r}")
-        if self.remasking not in REMASKING:
-            raise ValueError(f"remasking: must be one of {REMASKING}, got {self.remasking!r}")
+        check_remasking(self.remasking)
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations: must be >= 1, got {self.max_iterations!r}")
         return self
@@ -88,10 +85,17 @@ def entropy_f64(logits: torch.Tensor) -> torch.Tensor:
     return -torch.sum(p * torch.log(p + 1e-12), dim=-1)
 
 
-def _check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: must be one of {VARIANTS}, got {variant!r}")
-    return variant
+class _D3LLMPolicy(DecodingPolicy):
+    """What both d3LLM decoders take: validated settings, the model family's rules, its RoPE rule."""
+
+    name = "d3llm"
+
+    def __init__(self, settings: D3LLMSettings, variant: str, position_ids: PositionFn) -> None:
+        self.settings = settings.validate()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.position_ids = position_ids
 
 
 def _num_blocks(seq: Sequence, settings: D3LLMSettings) -> int:
@@ -107,15 +111,8 @@ def _num_blocks(seq: Sequence, settings: D3LLMSettings) -> int:
 
 
 # ------------------------------------------------------------------------------------ block-wise
-class D3LLMBlockwisePolicy(DecodingPolicy):
+class D3LLMBlockwisePolicy(_D3LLMPolicy):
     """Entropy-threshold decoding, one block after the other (`generate` / Dream `_sample`)."""
-
-    name = "d3llm"
-
-    def __init__(self, settings: D3LLMSettings, variant: str, position_ids: PositionFn) -> None:
-        self.settings = settings.validate()
-        self.variant = _check_variant(variant)
-        self.position_ids = position_ids
 
     def init(self, seq: Sequence) -> None:
         seq.state["num_blocks"] = _num_blocks(seq, self.settings)
@@ -232,15 +229,8 @@ class _MultiBlockState:
         return len(self.blocks)
 
 
-class D3LLMMultiBlockPolicy(DecodingPolicy):
+class D3LLMMultiBlockPolicy(_D3LLMPolicy):
     """d3LLM's pipelined multi-block decoder without KV cache (`generate_multi_block`)."""
-
-    name = "d3llm"
-
-    def __init__(self, settings: D3LLMSettings, variant: str, position_ids: PositionFn) -> None:
-        self.settings = settings.validate()
-        self.variant = _check_variant(variant)
-        self.position_ids = position_ids
 
     # -------------------------------------------------------------- state
     def init(self, seq: Sequence) -> None:
@@ -390,12 +380,6 @@ class D3LLMMultiBlockPolicy(DecodingPolicy):
 
 
 # ---------------------------------------------------------------------------------- registration
-def llada_position_ids(valid: torch.Tensor) -> torch.Tensor:
-    """LLaDA's RoPE positions without a model at hand (conformance): 0..L-1, pads included."""
-    b, length = valid.shape
-    return torch.arange(length, device=valid.device).expand(b, length)
-
-
 def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
     """Serving: the multi-block pipeline (the d3LLM chat default). `block_add_threshold =
     decoded_token_threshold = 1.0` turns it into block-by-block decoding (LLaDA: token-identical to

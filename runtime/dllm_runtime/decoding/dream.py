@@ -28,20 +28,24 @@ Exactness notes (what the golden vectors check):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, RandomSource, Sequence
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    RandomSource,
+    Sequence,
+    canvas_positions,
+)
 from dllm_runtime.decoding.params import DREAM_ALGS, DecodingParams
 from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
-
-PositionFn = Callable[[torch.Tensor], torch.Tensor]
-
+from dllm_runtime.models.dream import dream_position_ids
 
 @dataclass(frozen=True)
 class DreamSettings:
@@ -88,12 +92,6 @@ def source_rows(slots: torch.Tensor, shift: bool) -> torch.Tensor:
     every step (hundreds of MB for a 150k vocabulary).
     """
     return (slots - 1).clamp_min(0) if shift else slots
-
-
-def canvas_positions(seq: Sequence, position_ids: PositionFn) -> torch.Tensor:
-    """RoPE positions of the whole canvas from the model's rule (Dream skips left pads)."""
-    valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
-    return position_ids(valid)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -227,12 +225,6 @@ class DreamPolicy(DecodingPolicy):
 
 
 # ---------------------------------------------------------------------------------- registration
-def dream_position_ids(valid: torch.Tensor) -> torch.Tensor:
-    """Dream's RoPE positions without a model at hand (conformance): pads skipped, pads -> 1."""
-    pos = valid.long().cumsum(-1) - 1
-    return pos.masked_fill(~valid.bool(), 1)
-
-
 def settings_from_params(params: DecodingParams) -> DreamSettings:
     return DreamSettings(
         steps=params.resolved_steps(),

@@ -23,17 +23,15 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
 from dllm_runtime.decoding.llada import (
-    PositionFn,
-    arange_positions,
     check_blocks,
     reference_kwargs,
     require_unshifted,
     sampling_top_k,
     sampling_top_p,
 )
-from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     quota,
     transfer_factor,
@@ -45,6 +43,7 @@ from dllm_runtime.decoding.registry import (
     register_reference,
 )
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
+from dllm_runtime.models.llada import llada_position_ids
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -71,18 +70,15 @@ class FastDLLMPolicy(DecodingPolicy):
     def __init__(self, config: FastDLLMConfig, position_ids: PositionFn | None = None) -> None:
         if config.cache not in CACHE_MODES:
             raise ValueError(f"cache: must be one of {CACHE_MODES}, got {config.cache!r}")
-        if config.remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking: unknown mode {config.remasking!r}")
+        check_remasking(config.remasking)
         self.config = config
-        self.position_ids = position_ids or arange_positions
+        self.position_ids = position_ids or llada_position_ids
 
     # ------------------------------------------------------------------ plan
     def init(self, seq: Sequence) -> None:
         nb, spb = check_blocks(seq.gen_length, self.config.block_length, self.config.steps)
-        valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
-        seq.state.update(
-            num_blocks=nb, steps_per_block=spb, block=0, step=0, quota=[], positions=self.position_ids(valid)
-        )
+        positions = canvas_positions(seq, self.position_ids)
+        seq.state.update(num_blocks=nb, steps_per_block=spb, block=0, step=0, quota=[], positions=positions)
 
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         st = seq.state

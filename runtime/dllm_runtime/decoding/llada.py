@@ -9,14 +9,13 @@ the ids taken from the model's special ids instead of LLaDA-8B literals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, Sequence
-from dllm_runtime.decoding.params import DecodingParams
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
+from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     gather_prob,
     gumbel_argmax,
@@ -30,15 +29,7 @@ from dllm_runtime.decoding.registry import (
     register_reference,
 )
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
-
-PositionFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def arange_positions(valid: torch.Tensor) -> torch.Tensor:
-    """LLaDA RoPE positions: 0..L-1 even under left padding (pads keep their positions)."""
-    rows, length = valid.shape
-    return torch.arange(length, device=valid.device).unsqueeze(0).expand(rows, length)
-
+from dllm_runtime.models.llada import llada_position_ids
 
 @dataclass(frozen=True)
 class LLaDAConfig:
@@ -70,14 +61,12 @@ class LLaDAPolicy(DecodingPolicy):
     name = "llada"
 
     def __init__(self, config: LLaDAConfig, position_ids: PositionFn | None = None) -> None:
-        if config.remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking: unknown mode {config.remasking!r}")
+        check_remasking(config.remasking)
         self.config = config
-        self.position_ids = position_ids or arange_positions
+        self.position_ids = position_ids or llada_position_ids
 
     def init(self, seq: Sequence) -> None:
         nb, spb = check_blocks(seq.gen_length, self.config.block_length, self.config.steps)
-        valid = seq.valid if seq.valid is not None else torch.ones_like(seq.canvas, dtype=torch.bool)
         seq.state.update(
             num_blocks=nb,
             steps_per_block=spb,
@@ -86,7 +75,7 @@ class LLaDAPolicy(DecodingPolicy):
             quota=[],
             # computed once, as upstream: left pads count as prompt (the CFG branch masks them too)
             prompt_index=seq.canvas != seq.special.mask,
-            positions=self.position_ids(valid),
+            positions=canvas_positions(seq, self.position_ids),
         )
 
     def plan(self, seq: Sequence) -> ForwardSpec | None:

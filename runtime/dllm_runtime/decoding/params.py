@@ -137,7 +137,7 @@ class DecodingParams:
             _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None:
             _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        _check(self.remasking in REMASKING, "remasking", f"must be one of {REMASKING}, got {self.remasking!r}")
+        check_remasking(self.remasking)
         if self.threshold is not None and self.algorithm == "d3llm":
             _check(
                 _is_num(self.threshold) and self.threshold > 0,
@@ -214,6 +214,11 @@ class DecodingParams:
             raise ValueError(f"{unknown[0]}: unknown decoding parameter (known: {', '.join(sorted(known))})")
         changes = {k: v for k, v in values.items() if v is not None}
         return dataclasses.replace(base or cls(), **changes)
+
+
+def check_remasking(mode: str) -> None:
+    """One rule for the request field and the policies built without a request (conformance, tests)."""
+    _check(mode in REMASKING, "remasking", f"must be one of {REMASKING}, got {mode!r}")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

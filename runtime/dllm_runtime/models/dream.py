@@ -65,6 +65,12 @@ def _require_supported(cfg: dict[str, Any]) -> None:
         raise ValueError("unsupported Dream config use_sliding_window=true")
 
 
+def dream_position_ids(valid: torch.Tensor) -> torch.Tensor:
+    """Dream RoPE positions: left pads skipped (`cumsum(valid) - 1`), pads themselves at 1."""
+    pos = valid.long().cumsum(-1) - 1
+    return pos.masked_fill(~valid.bool(), 1)
+
+
 class DreamAttention(nn.Module):
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
@@ -152,8 +158,7 @@ class DreamModel(DiffusionModel):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
-        pos = valid.long().cumsum(-1) - 1
-        return pos.masked_fill(~valid.bool(), 1)
+        return dream_position_ids(valid)
 
     def forward(  # type: ignore[override]
         self,

@@ -78,6 +78,12 @@ def _require_supported(cfg: dict[str, Any]) -> None:
         raise ValueError("unsupported LLaDA config include_bias=true (released checkpoints have no biases)")
 
 
+def llada_position_ids(valid: torch.Tensor) -> torch.Tensor:
+    """LLaDA RoPE positions: 0..L-1 even under left padding (pads keep their positions)."""
+    b, length = valid.shape
+    return torch.arange(length, device=valid.device).expand(b, length)
+
+
 class LLaDABlock(nn.Module):
     """`LLaDALlamaBlock`: pre-norm attention and SwiGLU MLP with residuals."""
 
@@ -155,8 +161,7 @@ class LLaDAModel(DiffusionModel):
         self.model = _Inner(cfg, self.rotary)
 
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
-        b, length = valid.shape
-        return torch.arange(length, device=valid.device).expand(b, length)
+        return llada_position_ids(valid)
 
     def forward(  # type: ignore[override]
         self,
