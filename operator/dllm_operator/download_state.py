@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 EXIT_REASONS = {3: "Unauthorized", 4: "NotFound", 5: "NoSpace"}
 #: failures a retry cannot fix without a user change; still retried (the user may fix the Secret or the

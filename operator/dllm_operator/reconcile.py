@@ -91,17 +91,11 @@ class Reconciler:
         self.kserve = KServeDefaults(ttl_s=max(settings.resync_seconds, 10.0))
         # One pass at a time per object: kopf's handlers and the child-event path may overlap.
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
 
-    def reconcile(self, body: dict[str, Any], now: dt.datetime | None = None) -> dict[str, Any]:
-        """The new `.status` of `body` after applying its children. Raises UnreachableError to retry."""
-        meta = body.get("metadata") or {}
-        with self._locks[(meta.get("namespace") or "", meta.get("name") or "")]:
-            try:
-                return self._reconcile(body, now or utcnow())
-            except KubeError as exc:
-                if exc.retryable:
-                    raise UnreachableError(str(exc)) from exc
-                raise
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[(namespace, name)]
 
     def sync(self, namespace: str, name: str, now: dt.datetime | None = None) -> dict[str, Any] | None:
         """Read the object fresh, reconcile it and write its status, all under the object's lock.
@@ -110,7 +104,7 @@ class Reconciler:
         overlapping pass (e.g. a Job event), so nothing here trusts a body handed in from outside.
         Returns the status written, or None when the object is gone or being deleted.
         """
-        with self._locks[(namespace, name)]:
+        with self._lock(namespace, name):
             try:
                 body = self.kube.get(API_VERSION, KIND, namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
@@ -124,7 +118,8 @@ class Reconciler:
                 raise
 
     def forget(self, namespace: str, name: str) -> None:
-        self._locks.pop((namespace, name), None)
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
 
     def _reconcile(self, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         meta = body.get("metadata") or {}
