@@ -209,6 +209,17 @@ def test_download_job_name_changes_with_what_it_downloads(render) -> None:
     assert len(job_name({"fullnameOverride": "x" * 63})) <= 63
 
 
+def test_serverless_download_waits_in_the_server_not_an_init_container(render) -> None:
+    isvc = one(render(SERVING, {"inferenceService.deploymentMode": "Serverless", "download.modelWaitSeconds": 900}),
+               "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert "initContainers" not in predictor and "volumes" not in predictor
+    assert predictor["model"]["args"] == ["--model-wait-timeout=900"]
+    known = server_env_names()
+    if known is not None:
+        assert "DLLM_MODEL_WAIT_TIMEOUT" in known, "the flag the chart passes must exist"
+
+
 def test_existing_claim_is_used_not_created(render) -> None:
     objs = render(SERVING, VALUE_SETS["gpu-existing-claim-shared-runtime"])
     assert not by_kind(objs, "PersistentVolumeClaim")
