@@ -8,6 +8,9 @@ Two ways to feed the forwards:
   for the model only; batching, padding and the policy run for real.
 * the real tiny model loaded from `tests/golden/*_tiny.*` (end to end, §4.5 step 3).
 
+It is also the one place the test modules load the golden files from (cases, tensors, tiny models)
+and take the `one_thread` fixture from.
+
 Sequences are built as the reference builds its canvas: prompt (left-padded rows keep their pads)
 followed by `gen_length` MASK slots, `RandomSource(seed_before_call)` per sequence.
 """
@@ -15,10 +18,12 @@ followed by `gen_length` MASK slots, `RandomSource(seed_before_call)` per sequen
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -44,14 +49,30 @@ def golden_tensors(family: str) -> dict[str, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def tiny_model(name: str) -> DiffusionModel:
-    """`llada_tiny` / `dream_tiny` in fp32 with the golden special ids."""
+def tiny_model(
+    name: str, dtype: str | None = "float32", special_ids: SpecialIds | None = TINY_SPECIAL
+) -> DiffusionModel:
+    """`llada_tiny` / `dream_tiny`, loaded once per setting: fp32 with the golden special ids unless
+    asked otherwise; `None` leaves dtype / ids to the loader (the model tests check what it reads)."""
     from dllm_runtime.models import load_model_files
 
     model = load_model_files(
-        GOLDEN / f"{name}_config.json", [GOLDEN / f"{name}.safetensors"], dtype="float32", special_ids=TINY_SPECIAL
+        GOLDEN / f"{name}_config.json", [GOLDEN / f"{name}.safetensors"], dtype=dtype, special_ids=special_ids
     )
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module: the golden set was made that way (fp32 sums depend on the
+    split), and the test machine's few shared cores are not oversubscribed.
+
+    Import it into a test module and name it in `pytest.mark.usefixtures`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class ReplayModel(DiffusionModel):

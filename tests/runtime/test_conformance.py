@@ -34,21 +34,14 @@ from dllm_runtime.conformance import (
     run_directory,
 )
 from dllm_runtime.decoding.base import RandomSource
+from tests.runtime.golden_replay import GOLDEN, one_thread  # noqa: F401
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LLADA_FILE = GoldenFile(GOLDEN / "llada_golden.json", json.loads((GOLDEN / "llada_golden.json").read_text()))
 LLADA_CASES = {c["name"]: c for c in LLADA_FILE.cases}
 SAMPLING = [n for n, c in LLADA_CASES.items() if c.get("rng_draws")]
 WITH_LOGITS = [n for n, c in LLADA_CASES.items() if all("logits_key" in t for t in c["trace"])]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The golden set was made with one thread; fp32 sums depend on the split."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +235,17 @@ def test_cli_whole_golden_directory() -> None:
 
 
 # ---------------------------------------------------------------------------- a batched Fast-dLLM set
+def _assert_runner_passes(tmp_path: Path, case: dict[str, Any], output: torch.Tensor, trace: list[torch.Tensor]) -> None:
+    """Run a hand-built case (its oracle's `output` and forward inputs) as a one-case golden file."""
+    case = {**case, "output": output.tolist(), "nfe": len(trace), "trace": [{"input_ids": t.tolist()} for t in trace]}
+    for name in ("llada_tiny.safetensors", "llada_tiny_config.json"):
+        (tmp_path / name).symlink_to(GOLDEN / name)
+    doc = {"special_ids": LLADA_FILE.doc["special_ids"], "cases": [case]}
+    (tmp_path / "synthetic_golden.json").write_text(json.dumps(doc))
+    [result] = run_directory(tmp_path, ConformanceOptions())
+    assert result.passed, result.line()
+
+
 def _oracle_fast_dllm_generate(model, prompt: torch.Tensor, block: int, threshold: float, temperature: float):  # type: ignore[no-untyped-def]
     """Test oracle: ALGORITHMS.md §1.2 `generate` for B rows written out directly (global RNG,
     one (B, L) forward per step, a block ends when NO row has a mask left in it).
@@ -292,16 +296,8 @@ def test_runner_replays_a_batched_fast_dllm_call(tmp_path: Path, provider) -> No
         "seed_before_call": 3,
         "prompt": prompt.tolist(),
         "kwargs": {"threshold": 0.9, "steps": 32, "gen_length": 32, "block_length": 8, "temperature": 0.7},
-        "output": output.tolist(),
-        "nfe": len(trace),
-        "trace": [{"input_ids": t.tolist()} for t in trace],
     }
-    for name in ("llada_tiny.safetensors", "llada_tiny_config.json"):
-        (tmp_path / name).symlink_to(GOLDEN / name)
-    doc = {"special_ids": LLADA_FILE.doc["special_ids"], "cases": [case]}
-    (tmp_path / "synthetic_golden.json").write_text(json.dumps(doc))
-    [result] = run_directory(tmp_path, ConformanceOptions())
-    assert result.passed, result.line()
+    _assert_runner_passes(tmp_path, case, output, trace)
     # the case exercises idle forwards: a threshold step always commits a token unless the row's block
     # is already complete, so an unchanged row after some forward proves it waited for the other
     changed = [[bool((t[r] != n[r]).any()) for t, n in zip(trace, trace[1:] + [output])] for r in range(2)]
@@ -372,13 +368,5 @@ def test_runner_replays_a_batched_llada_cfg_call(tmp_path: Path, provider) -> No
             "cfg_scale": 1.0,
             "mask_id": 250,
         },
-        "output": output.tolist(),
-        "nfe": len(trace),
-        "trace": [{"input_ids": t.tolist()} for t in trace],
     }
-    for name in ("llada_tiny.safetensors", "llada_tiny_config.json"):
-        (tmp_path / name).symlink_to(GOLDEN / name)
-    doc = {"special_ids": LLADA_FILE.doc["special_ids"], "cases": [case]}
-    (tmp_path / "synthetic_golden.json").write_text(json.dumps(doc))
-    [result] = run_directory(tmp_path, ConformanceOptions())
-    assert result.passed, result.line()
+    _assert_runner_passes(tmp_path, case, output, trace)

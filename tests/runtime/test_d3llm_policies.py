@@ -109,26 +109,27 @@ def _seq(prompt_len: int, gen: int) -> Sequence:
     return Sequence(canvas=canvas, prompt_len=prompt_len, special=TINY_SPECIAL, rng=RandomSource(0))
 
 
-def test_early_stop_fills_after_first_eos_and_stops() -> None:
-    """An EOS decoded in the first forward: the next iteration fills the tail and ends without a forward."""
-    p, gen = 4, 16
+def _decode_token_then_eos(p: int, gen: int, early_stop: bool) -> tuple[Sequence, ScriptedModel]:
+    """Multi-block LLaDA decoding where every forward is sure of `20, EOS` in the first two slots."""
     model = ScriptedModel(lambda ids: _peaked(ids, {p: 20, p + 1: EOS}))
-    settings = D3LLMSettings(threshold=0.5, block_length=8, early_stop=True)
+    settings = D3LLMSettings(threshold=0.5, block_length=8, early_stop=early_stop)
     policy = D3LLMMultiBlockPolicy(settings, "llada", llada_position_ids)
     seq = _seq(p, gen)
     run_to_completion(model, [(seq, policy)])
+    return seq, model
+
+
+def test_early_stop_fills_after_first_eos_and_stops() -> None:
+    """An EOS decoded in the first forward: the next iteration fills the tail and ends without a forward."""
+    p, gen = 4, 16
+    seq, model = _decode_token_then_eos(p, gen, early_stop=True)
     assert seq.canvas[0, p:].tolist() == [20] + [EOS] * (gen - 1)
     assert model.forwards == seq.nfe == 1
     assert seq.state["reference_nfe"] == 2
 
 
 def test_without_early_stop_the_tail_is_decoded() -> None:
-    p, gen = 4, 16
-    model = ScriptedModel(lambda ids: _peaked(ids, {p: 20, p + 1: EOS}))
-    settings = D3LLMSettings(threshold=0.5, block_length=8, early_stop=False)
-    policy = D3LLMMultiBlockPolicy(settings, "llada", llada_position_ids)
-    seq = _seq(p, gen)
-    run_to_completion(model, [(seq, policy)])
+    seq, _ = _decode_token_then_eos(4, 16, early_stop=False)
     assert not (seq.canvas == MASK).any()
     assert seq.nfe > 1  # flat logits elsewhere: one forced token per forward
 

@@ -32,20 +32,11 @@ from dllm_runtime.engine import (
 )
 from dllm_runtime.models.base import DiffusionModel
 from tests.helpers.byte_tokenizer import ByteTokenizer
-from tests.runtime.golden_replay import tiny_model
+from tests.runtime.golden_replay import one_thread, tiny_model  # noqa: F401
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 TOK = ByteTokenizer()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine has 2 shared cores; the engine's numerics do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ is the unmodified reference's output, never a value computed by the code under t
 
 from __future__ import annotations
 
-import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,39 +29,16 @@ from dllm_runtime.decoding.registry import (
     reference_key,
 )
 from dllm_runtime.engine.step import run_to_completion
-from dllm_runtime.models.base import SpecialIds
+from tests.runtime.golden_replay import TINY_SPECIAL, golden_cases, one_thread, tiny_model  # noqa: F401
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-SPECIAL = SpecialIds(mask=250, eos=251, pad=251, eot=252, bos=248)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = [248, 17, 99, 3, 42, 120, 7, 230]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@cache
-def golden_case(name: str) -> dict[str, Any]:
-    cases = json.loads((GOLDEN / "llada_golden.json").read_text())["cases"]
-    return next(c for c in cases if c["name"] == name)
-
-
-@cache
-def tiny_llada():
-    from dllm_runtime.models import load_model_files
-
-    return load_model_files(
-        GOLDEN / "llada_tiny_config.json", [GOLDEN / "llada_tiny.safetensors"], dtype="float32", special_ids=SPECIAL
-    )
-
-
 def new_seq(prompt: list[int], slots: int, seed: int | None = 0) -> Sequence:
-    canvas = torch.tensor([prompt + [SPECIAL.mask] * slots])
-    return Sequence(canvas=canvas, prompt_len=len(prompt), special=SPECIAL, rng=RandomSource(seed))
+    canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * slots])
+    return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
 
 
 class CountingRandom(RandomSource):
@@ -110,8 +85,8 @@ def test_gumbel_at_zero_temperature_is_the_same_tensor_and_draws_nothing() -> No
 
 def test_threshold_transfer_commits_at_least_one_masked_token() -> None:
     logits = torch.zeros(1, 4, 10)  # uniform: every confidence is 0.1 < threshold
-    x = torch.tensor([[5, SPECIAL.mask, SPECIAL.mask, 6]])
-    mask = x == SPECIAL.mask
+    x = torch.tensor([[5, TINY_SPECIAL.mask, TINY_SPECIAL.mask, 6]])
+    mask = x == TINY_SPECIAL.mask
     x0, transfer = transfer_fixed_or_threshold(logits, 0.0, "low_confidence", mask, x, None, 0.9, RandomSource(0))
     assert int(transfer.sum()) == 1 and bool((transfer & ~mask).sum() == 0)
     _, none = transfer_fixed_or_threshold(
@@ -131,12 +106,12 @@ def test_truncate_keeps_top_k_and_the_nucleus() -> None:
 
 def test_top_k_one_at_any_temperature_is_greedy() -> None:
     """Sampling from the single most likely token: the T = 0 reference output, via the serving path."""
-    case = golden_case("fastdllm_threshold0.9_t0")
+    case = golden_cases("llada")["fastdllm_threshold0.9_t0"]
     params = DecodingParams(
         max_tokens=32, block_length=8, steps=32, threshold=0.9, temperature=1.3, top_k=1, seed=5
     ).validate()
     seq = new_seq(case["prompt"][0], params.generation_slots(), seed=params.seed)
-    run_to_completion(tiny_llada(), [(seq, build_policy(params, tiny_llada()))])
+    run_to_completion(tiny_model("llada_tiny"), [(seq, build_policy(params, tiny_model("llada_tiny")))])
     assert seq.canvas[0].tolist() == case["output"][0] and seq.nfe == case["nfe"]
 
 
@@ -194,7 +169,7 @@ def test_threshold_resolves_per_algorithm(changes: dict[str, Any], resolved: flo
 
 
 def test_d3llm_serving_default_uses_the_entropy_threshold() -> None:
-    policy = build_policy(DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8), tiny_llada())
+    policy = build_policy(DecodingParams(algorithm="d3llm", max_tokens=16, block_length=8), tiny_model("llada_tiny"))
     assert policy.settings.threshold == 0.5
 
 
@@ -218,7 +193,7 @@ def test_from_dict_overlays_and_rejects_unknown_keys() -> None:
 
 
 def test_build_policy_picks_the_algorithm_and_rejects_shifted_models(tiny_dream_dir: Path) -> None:
-    model = tiny_llada()
+    model = tiny_model("llada_tiny")
     assert isinstance(build_policy(DecodingParams(), model), FastDLLMPolicy)
     assert isinstance(build_policy(DecodingParams(algorithm="llada"), model), LLaDAPolicy)
     with pytest.raises(ValueError, match="^steps:"):
@@ -234,10 +209,10 @@ def test_reference_names_and_unknown_arguments() -> None:
         "NVlabs/Fast-dLLM v1/llada/generate.py::generate"
     )
     with pytest.raises(KeyError, match="no decoder reproduces"):
-        policy_from_reference("someone/else gen.py::generate (abc)", {}, SPECIAL)
+        policy_from_reference("someone/else gen.py::generate (abc)", {}, TINY_SPECIAL)
     with pytest.raises(ValueError, match="^top_p:"):
-        policy_from_reference("ML-GSAI/LLaDA generate.py::generate (HEAD b7e6c35)", {"top_p": 0.9}, SPECIAL)
-    decoder = policy_from_reference("ML-GSAI/LLaDA generate.py::generate (HEAD b7e6c35)", {"mask_id": 7}, SPECIAL)
+        policy_from_reference("ML-GSAI/LLaDA generate.py::generate (HEAD b7e6c35)", {"top_p": 0.9}, TINY_SPECIAL)
+    decoder = policy_from_reference("ML-GSAI/LLaDA generate.py::generate (HEAD b7e6c35)", {"mask_id": 7}, TINY_SPECIAL)
     assert decoder.special.mask == 7 and decoder.gen_length == 128  # upstream default
 
 
@@ -264,10 +239,10 @@ SERVING_EQUIVALENTS = {
 @pytest.mark.parametrize("name", sorted(SERVING_EQUIVALENTS))
 def test_serving_params_reproduce_the_reference(name: str) -> None:
     """`build_policy(DecodingParams(...))`, as the engine calls it, gives the reference's tokens and NFE."""
-    case = golden_case(name)
+    case = golden_cases("llada")[name]
     params = DecodingParams(max_tokens=32, **SERVING_EQUIVALENTS[name]).validate()
     seq = new_seq(case["prompt"][0], params.generation_slots(), seed=params.seed)
-    run_to_completion(tiny_llada(), [(seq, build_policy(params, tiny_llada()))])
+    run_to_completion(tiny_model("llada_tiny"), [(seq, build_policy(params, tiny_model("llada_tiny")))])
     assert seq.canvas[0].tolist() == case["output"][0]
     assert seq.nfe == case["nfe"]
 
@@ -278,40 +253,40 @@ def test_mixed_policies_and_caches_share_batched_forwards() -> None:
              "fastdllm_threshold0.9_t0"]  # fmt: skip
     batch = []
     for name in names:
-        case = golden_case(name)
-        decoder = policy_from_reference(case["reference"], case["kwargs"], SPECIAL)
+        case = golden_cases("llada")[name]
+        decoder = policy_from_reference(case["reference"], case["kwargs"], TINY_SPECIAL)
         batch.append((new_seq(case["prompt"][0], decoder.gen_length), decoder.policy))
     longer = PROMPT + [11, 12, 13, 14, 15]
     solo_policy = FastDLLMPolicy(FastDLLMConfig(steps=16, block_length=8, threshold=0.9, cache="prefix"))
     solo = new_seq(longer, 16)
-    run_to_completion(tiny_llada(), [(solo, solo_policy)])
+    run_to_completion(tiny_model("llada_tiny"), [(solo, solo_policy)])
     batch.append((new_seq(longer, 16), solo_policy))
 
-    run_to_completion(tiny_llada(), batch)
+    run_to_completion(tiny_model("llada_tiny"), batch)
     for name, (seq, _) in zip(names, batch):
-        assert seq.canvas[0].tolist() == golden_case(name)["output"][0], name
-        assert seq.nfe == golden_case(name)["nfe"], name
+        assert seq.canvas[0].tolist() == golden_cases("llada")[name]["output"][0], name
+        assert seq.nfe == golden_cases("llada")[name]["nfe"], name
     assert torch.equal(batch[-1][0].canvas, solo.canvas) and batch[-1][0].nfe == solo.nfe
 
 
 # ---------------------------------------------------------------------------- schedule behaviour
 def test_llada_always_runs_steps_forwards_fast_dllm_stops_at_complete_blocks() -> None:
     llada, fast = new_seq(PROMPT, 8), new_seq(PROMPT, 8)
-    run_to_completion(tiny_llada(), [(llada, LLaDAPolicy(LLaDAConfig(steps=16, block_length=8)))])
-    run_to_completion(tiny_llada(), [(fast, FastDLLMPolicy(FastDLLMConfig(steps=16, block_length=8)))])
+    run_to_completion(tiny_model("llada_tiny"), [(llada, LLaDAPolicy(LLaDAConfig(steps=16, block_length=8)))])
+    run_to_completion(tiny_model("llada_tiny"), [(fast, FastDLLMPolicy(FastDLLMConfig(steps=16, block_length=8)))])
     assert llada.nfe == 16  # quota [1]*8 + [0]*8: trailing zero-quota steps still run (reference)
     assert fast.nfe == 8  # Fast-dLLM breaks as soon as the block is complete
     assert torch.equal(llada.canvas, fast.canvas)  # same picks: one most-confident token per step
-    assert not bool((llada.canvas == SPECIAL.mask).any())
+    assert not bool((llada.canvas == TINY_SPECIAL.mask).any())
 
 
 def test_dual_cache_is_bounded_by_steps_per_block() -> None:
     """spb = 1: only each block's full forward runs; unfinished masks may stay (as upstream)."""
     seq = new_seq(PROMPT, 32)
     policy = FastDLLMPolicy(FastDLLMConfig(steps=4, block_length=8, threshold=0.99, cache="dual"))
-    run_to_completion(tiny_llada(), [(seq, policy)])
+    run_to_completion(tiny_model("llada_tiny"), [(seq, policy)])
     assert seq.nfe == 4
-    assert bool((seq.canvas[0, len(PROMPT) :] == SPECIAL.mask).any())
+    assert bool((seq.canvas[0, len(PROMPT) :] == TINY_SPECIAL.mask).any())
 
 
 def test_cfg_plans_a_conditional_and_an_unconditional_row() -> None:
@@ -321,7 +296,7 @@ def test_cfg_plans_a_conditional_and_an_unconditional_row() -> None:
     spec = policy.plan(seq)
     assert spec is not None and spec.input_ids.shape == (2, 16)
     assert torch.equal(spec.input_ids[0], seq.canvas[0])
-    assert spec.input_ids[1].tolist() == [SPECIAL.mask] * 16  # prompt masked, generation already masked
+    assert spec.input_ids[1].tolist() == [TINY_SPECIAL.mask] * 16  # prompt masked, generation already masked
 
 
 def test_prefix_cache_plans_suffix_windows_after_the_block_start() -> None:

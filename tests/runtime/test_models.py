@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from dllm_runtime.models import DreamModel, LLaDAModel, SpecialIds, load_model, load_model_files
+from dllm_runtime.models import DreamModel, LLaDAModel, SpecialIds, load_model
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa
+from tests.runtime.golden_replay import golden_cases, golden_tensors, one_thread, tiny_model  # noqa: F401
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = 1e-5
 #: Trace logits (canvas length 40) were taken inside the reference decoders; at other sequence
 #: lengths CPU GEMM blocking changes fp32 rounding by a few 1e-5 (a float64 forward differs from
@@ -20,37 +20,25 @@ ATOL = 1e-5
 TRACE_ATOL, TRACE_RTOL = 2e-4, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def llada() -> LLaDAModel:
-    return load_model_files(GOLDEN / "llada_tiny_config.json", [GOLDEN / "llada_tiny.safetensors"])
+    """dtype and special ids as the loader reads them from the golden config (checked below)."""
+    return tiny_model("llada_tiny", dtype=None, special_ids=None)
 
 
 @pytest.fixture(scope="module")
 def dream() -> DreamModel:
-    return load_model_files(GOLDEN / "dream_tiny_config.json", [GOLDEN / "dream_tiny.safetensors"])
+    return tiny_model("dream_tiny", dtype=None, special_ids=None)
 
 
 @pytest.fixture(scope="module")
 def llada_tensors() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN / "llada_golden_tensors.safetensors"))
+    return golden_tensors("llada")
 
 
 @pytest.fixture(scope="module")
 def dream_tensors() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN / "dream_golden_tensors.safetensors"))
-
-
-def _cases(name: str) -> dict[str, dict]:
-    with (GOLDEN / f"{name}_golden.json").open() as f:
-        return {c["name"]: c for c in json.load(f)["cases"]}
+    return golden_tensors("dream")
 
 
 def _forward(model, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +82,7 @@ def test_dream_forward_matches_golden_unshifted(dream, dream_tensors):
     [("llada_lowconf_semiar_t0", (0, 7, 15)), ("llada_batch2_leftpad_t0", (0, 9)), ("llada_cfg1.5_t0", (3,))],
 )
 def test_llada_trace_forwards(llada, llada_tensors, case, steps):
-    c = _cases("llada")[case]
+    c = golden_cases("llada")[case]
     mask = c["kwargs"].get("attention_mask")
     for i in steps:
         ids = torch.tensor(c["trace"][i]["input_ids"])
@@ -111,7 +99,7 @@ def test_llada_trace_forwards(llada, llada_tensors, case, steps):
 
 @pytest.mark.parametrize("case, steps", [("dream_entropy_t0", (0, 8, 15)), ("dream_entropy_batch2_leftpad_t0", (0, 11))])
 def test_dream_trace_forwards(dream, dream_tensors, case, steps):
-    c = _cases("dream")[case]
+    c = golden_cases("dream")[case]
     for i in steps:
         ids = torch.tensor(c["trace"][i]["input_ids"])
         valid = torch.ones_like(ids, dtype=torch.bool)
@@ -198,9 +186,8 @@ def test_rope_positions_change_logits(llada):
 def test_bf16_forward_close_to_fp32(arch):
     """The bf16 path (what GPUs run) stays close to fp32; catches dtype mix-ups in norm/RoPE."""
     stem = "llada_tiny" if arch == "llada" else "dream_tiny"
-    files = (GOLDEN / f"{stem}_config.json", [GOLDEN / f"{stem}.safetensors"])
-    fp32 = load_model_files(*files, dtype="float32")
-    bf16 = load_model_files(*files, dtype="bfloat16")
+    fp32 = tiny_model(stem, dtype="float32", special_ids=None)
+    bf16 = tiny_model(stem, dtype="bfloat16", special_ids=None)
     assert next(bf16.parameters()).dtype == torch.bfloat16
     ids = torch.tensor([[248, 17, 99, 3, 42, 120, 7, 230, 250, 250]])
     want, got = _forward(fp32, ids), _forward(bf16, ids)
