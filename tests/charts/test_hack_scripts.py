@@ -66,3 +66,50 @@ def test_up_is_idempotent_on_a_running_cluster() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f'export KUBECONFIG="{kubeconfig}"'
     assert run_script("status", env={"DLLM_TEST_CLUSTER_DIR": state_dir}).returncode == 0
+
+
+@pytest.mark.cluster
+def test_cluster_runs_the_controllers_the_operator_tests_rely_on() -> None:
+    """Service-account tokens, the garbage collector (ownerReferences) and empty strings in custom
+    resources (the go-openapi patch) work on the built control plane."""
+    import json
+    import time
+    import uuid
+
+    from tests.cluster import install_crds, kubectl
+
+    kubeconfig = require_cluster()
+    ns = f"ctl-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", ns, kubeconfig=kubeconfig)
+    try:
+        def eventually(check, what: str, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while not check():
+                assert time.monotonic() < deadline, f"timed out: {what}"
+                time.sleep(0.5)
+
+        def sa_has_token() -> bool:
+            proc = kubectl("get", "sa", "default", "-n", ns, "-o", "json", kubeconfig=kubeconfig, check=False)
+            return proc.returncode == 0 and bool(json.loads(proc.stdout).get("secrets"))
+
+        eventually(sa_has_token, "the default ServiceAccount and its token Secret")
+        owner = json.loads(kubectl("create", "configmap", "owner", "-n", ns, "-o", "json",
+                                   kubeconfig=kubeconfig).stdout)
+        dependent = {"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": "dependent", "namespace": ns, "ownerReferences": [
+                         {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+                          "uid": owner["metadata"]["uid"]}]}}
+        kubectl("create", "-f", "-", input=json.dumps(dependent), kubeconfig=kubeconfig)
+        kubectl("delete", "configmap", "owner", "-n", ns, kubeconfig=kubeconfig)
+        eventually(lambda: kubectl("get", "configmap", "dependent", "-n", ns, kubeconfig=kubeconfig,
+                                   check=False).returncode != 0, "garbage collection of the dependent")
+
+        install_crds(kubeconfig, [ROOT / "tests" / "crds" / "serving.kserve.io_inferenceservices.yaml"])
+        isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                "metadata": {"name": "empty", "namespace": ns, "labels": {"a": ""}},
+                "spec": {"predictor": {"model": {"modelFormat": {"name": "dllm"}, "storageUri": ""}}}}
+        created = json.loads(kubectl("create", "-f", "-", "-o", "json", input=json.dumps(isvc),
+                                     kubeconfig=kubeconfig).stdout)
+        assert created["spec"]["predictor"]["model"]["storageUri"] == ""
+    finally:
+        kubectl("delete", "namespace", ns, "--wait=false", kubeconfig=kubeconfig, check=False)
