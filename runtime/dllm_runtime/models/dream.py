@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dllm_runtime.models.base import AttentionContext, DiffusionModel, SpecialIds
-from dllm_runtime.models.layers import RMSNorm, Rotary, attend, merge_heads, split_heads, swiglu
+from dllm_runtime.models.base import AttentionContext, SpecialIds
+from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,11 @@ class DreamMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class DreamLayer(nn.Module):
+class DreamLayer(AttentionLayer):
     """Qwen2 decoder layer, bidirectional."""
 
     def __init__(self, cfg: DreamConfig, index: int, rotary: Rotary) -> None:
-        super().__init__()
-        self.index = index
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = cfg.num_key_value_heads
-        self.rotary = rotary
+        super().__init__(index, cfg.num_attention_heads, cfg.num_key_value_heads, rotary)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DreamAttention(cfg)
@@ -113,12 +109,8 @@ class DreamLayer(nn.Module):
         attention: AttentionContext | None,
     ) -> torch.Tensor:
         a = self.self_attn
-        n = self.input_layernorm(x)
-        q = split_heads(a.q_proj(n), self.n_heads)
-        k = split_heads(a.k_proj(n), self.n_kv_heads)
-        v = split_heads(a.v_proj(n), self.n_kv_heads)
-        q, k = self.rotary(q, k, cos_sin)
-        h = x + a.o_proj(merge_heads(attend(attention, self.index, q, k, v)))
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        h = x + a.o_proj(self.self_attention(self.input_layernorm(x), qkv, cos_sin, attention))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -132,27 +124,28 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(DiffusionModel):
+class DreamModel(NativeModel):
     """Dream mask predictor; raw logits (decoders shift right by one); positions skip left pads."""
 
     model_type = "Dream"
     shift_logits = True
 
     def __init__(self, cfg: DreamConfig, special_ids: SpecialIds) -> None:
-        super().__init__()
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {cfg.num_key_value_heads}"
             )
+        super().__init__(
+            special_ids,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            max_position=cfg.max_position_embeddings,
+            rotary=Rotary(cfg.head_dim, cfg.rope_theta, full_precision=False),
+        )
         self.config = cfg
-        self.special_ids = special_ids
-        self.vocab_size = cfg.vocab_size
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.max_position = cfg.max_position_embeddings
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, full_precision=False)
         self.model = _Backbone(cfg, self.rotary)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -160,17 +153,7 @@ class DreamModel(DiffusionModel):
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
         return dream_position_ids(valid)
 
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: AttentionContext | None = None,
-    ) -> torch.Tensor:
+    def stack(self) -> tuple[nn.Embedding, nn.ModuleList, RMSNorm, torch.Tensor]:
         m = self.model
-        x = m.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions)
-        for layer in m.layers:
-            x = layer(x, cos_sin, attention)
-        x = m.norm(x)
         head = m.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(x, head)
+        return m.embed_tokens, m.layers, m.norm, head

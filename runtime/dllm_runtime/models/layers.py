@@ -1,8 +1,10 @@
-"""Building blocks shared by the native models: RMSNorm, rotary embeddings, SwiGLU, attention dispatch.
+"""Building blocks shared by the native models: RMSNorm, rotary embeddings, SwiGLU, attention dispatch,
+the attention half of a layer and the embed → layers → norm → head forward around the layers.
 
 Numerics follow the released modeling code (ALGORITHMS.md §2) so that fp32 forwards match the golden
 logits: RMSNorm statistics in fp32 and cast back before the weight; rotary angles in fp32 with the
-rotate-half (non-interleaved) layout.
+rotate-half (non-interleaved) layout. Parameters stay in the model files under their released names;
+the shared pieces here take them as arguments or reach them through `NativeModel.stack`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dllm_runtime.models.attention import sdpa
-from dllm_runtime.models.base import AttentionContext
+from dllm_runtime.models.base import AttentionContext, DiffusionModel, SpecialIds
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +113,80 @@ def attend(
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
         return out.transpose(1, 2)
     return sdpa(q, k, v)
+
+
+class AttentionLayer(nn.Module):
+    """Base of an LLaDA block / Dream layer: its index, head counts and the shared rotary.
+
+    The q/k/v projections stay on the subclass under the released names; `self_attention` is the
+    part both families compute the same way (project, split heads, RoPE, attend, merge heads).
+    """
+
+    def __init__(self, index: int, n_heads: int, n_kv_heads: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.index = index
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.rotary = rotary
+
+    def self_attention(
+        self,
+        x: torch.Tensor,
+        projections: tuple[nn.Linear, nn.Linear, nn.Linear],
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionContext | None,
+    ) -> torch.Tensor:
+        """Attention output `(B, T, Hq·D)` for normed `x`, before the output projection."""
+        q_proj, k_proj, v_proj = projections
+        q = split_heads(q_proj(x), self.n_heads)
+        k = split_heads(k_proj(x), self.n_kv_heads)
+        v = split_heads(v_proj(x), self.n_kv_heads)
+        q, k = self.rotary(q, k, cos_sin)
+        return merge_heads(attend(attention, self.index, q, k, v))
+
+
+class NativeModel(DiffusionModel):
+    """LLaDA and Dream around their layers: embed, RoPE tables once per forward, layers, final norm, head.
+
+    Subclasses build the released parameter tree and say where its pieces are (`stack`).
+    """
+
+    def __init__(
+        self,
+        special_ids: SpecialIds,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_position: int,
+        rotary: Rotary,
+    ) -> None:
+        super().__init__()
+        self.special_ids = special_ids
+        self.vocab_size = vocab_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.rotary = rotary
+
+    def stack(self) -> tuple[nn.Embedding, nn.ModuleList, RMSNorm, torch.Tensor]:
+        """The token embedding, the layers, the final norm and the output head's weight."""
+        raise NotImplementedError
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        embed, layers, norm, head = self.stack()
+        x = embed(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)
+        for layer in layers:
+            x = layer(x, cos_sin, attention)
+        return F.linear(norm(x), head)
 
 
 def _load_flash_attn():  # pragma: no cover - depends on an optional GPU package

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dllm_runtime.models.base import AttentionContext, DiffusionModel, SpecialIds
-from dllm_runtime.models.layers import RMSNorm, Rotary, attend, merge_heads, split_heads, swiglu
+from dllm_runtime.models.base import AttentionContext, SpecialIds
+from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,12 @@ def llada_position_ids(valid: torch.Tensor) -> torch.Tensor:
     return torch.arange(length, device=valid.device).expand(b, length)
 
 
-class LLaDABlock(nn.Module):
+class LLaDABlock(AttentionLayer):
     """`LLaDALlamaBlock`: pre-norm attention and SwiGLU MLP with residuals."""
 
     def __init__(self, cfg: LLaDAConfig, index: int, rotary: Rotary) -> None:
-        super().__init__()
-        head_dim = cfg.d_model // cfg.n_heads
-        kv_dim = cfg.n_kv_heads * head_dim
-        self.index = index
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads
-        self.rotary = rotary
+        super().__init__(index, cfg.n_heads, cfg.n_kv_heads, rotary)
+        kv_dim = cfg.n_kv_heads * (cfg.d_model // cfg.n_heads)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         bias = cfg.include_qkv_bias
@@ -112,12 +107,8 @@ class LLaDABlock(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionContext | None,
     ) -> torch.Tensor:
-        n = self.attn_norm(x)
-        q = split_heads(self.q_proj(n), self.n_heads)
-        k = split_heads(self.k_proj(n), self.n_kv_heads)
-        v = split_heads(self.v_proj(n), self.n_kv_heads)
-        q, k = self.rotary(q, k, cos_sin)
-        h = x + self.attn_out(merge_heads(attend(attention, self.index, q, k, v)))
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        h = x + self.attn_out(self.self_attention(self.attn_norm(x), qkv, cos_sin, attention))
         m = self.ff_norm(h)
         return h + self.ff_out(swiglu(self.ff_proj(m), self.up_proj(m)))
 
@@ -140,40 +131,32 @@ class _Inner(nn.Module):
         self.transformer = _Transformer(cfg, rotary)
 
 
-class LLaDAModel(DiffusionModel):
+class LLaDAModel(NativeModel):
     """LLaDA mask predictor; logits are not shifted; RoPE positions ignore left padding."""
 
     model_type = "llada"
     shift_logits = False
 
     def __init__(self, cfg: LLaDAConfig, special_ids: SpecialIds) -> None:
-        super().__init__()
         if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
             raise ValueError(f"d_model {cfg.d_model}, n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads} do not divide")
+        head_dim = cfg.d_model // cfg.n_heads
+        super().__init__(
+            special_ids,
+            vocab_size=cfg.embedding_size,
+            num_layers=cfg.n_layers,
+            num_kv_heads=cfg.n_kv_heads,
+            head_dim=head_dim,
+            max_position=cfg.max_sequence_length,
+            rotary=Rotary(head_dim, cfg.rope_theta, full_precision=cfg.rope_full_precision),
+        )
         self.config = cfg
-        self.special_ids = special_ids
-        self.vocab_size = cfg.embedding_size
-        self.num_layers = cfg.n_layers
-        self.num_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.max_position = cfg.max_sequence_length
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta, full_precision=cfg.rope_full_precision)
         self.model = _Inner(cfg, self.rotary)
 
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
         return llada_position_ids(valid)
 
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: AttentionContext | None = None,
-    ) -> torch.Tensor:
+    def stack(self) -> tuple[nn.Embedding, nn.ModuleList, RMSNorm, torch.Tensor]:
         t = self.model.transformer
-        x = t.wte(input_ids)
-        cos_sin = self.rotary.cos_sin(positions)
-        for block in t.blocks:
-            x = block(x, cos_sin, attention)
-        x = t.ln_f(x)
         head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
-        return torch.nn.functional.linear(x, head)
+        return t.wte, t.blocks, t.ln_f, head
