@@ -130,6 +130,12 @@ def canvas_positions(seq: Sequence, position_ids: PositionFn) -> torch.Tensor:
     return position_ids(valid)
 
 
+def block_span(seq: Sequence, block_length: int) -> tuple[int, int]:
+    """Canvas slice `[lo, hi)` of the semi-autoregressive block `seq.state["block"]` (after the prompt)."""
+    lo = seq.prompt_len + seq.state["block"] * block_length
+    return lo, lo + block_length
+
+
 class DecodingPolicy(ABC):
     """Decides, step by step, which masked positions of one sequence to commit."""
 

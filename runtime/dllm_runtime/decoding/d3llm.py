@@ -26,7 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    Sequence,
+    block_span,
+    canvas_positions,
+)
 from dllm_runtime.decoding.dream import (
     reject_unused,
     shift_right,
@@ -119,17 +126,13 @@ class D3LLMBlockwisePolicy(_D3LLMPolicy):
         seq.state["block"] = 0
         seq.state["positions"] = canvas_positions(seq, self.position_ids)
 
-    def _bounds(self, seq: Sequence) -> tuple[int, int]:
-        lo = seq.prompt_len + seq.state["block"] * self.settings.block_length
-        return lo, lo + self.settings.block_length
-
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         if seq.state["block"] >= seq.state["num_blocks"]:
             return None
         return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid)
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
-        lo, hi = self._bounds(seq)
+        lo, hi = block_span(seq, self.settings.block_length)
         x = seq.canvas
         eligible = x == seq.special.mask
         eligible[:, hi:] = False

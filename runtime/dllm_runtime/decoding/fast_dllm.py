@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    Sequence,
+    block_span,
+    canvas_positions,
+)
 from dllm_runtime.decoding.llada import (
     check_blocks,
     reference_kwargs,
@@ -87,7 +94,7 @@ class FastDLLMPolicy(DecodingPolicy):
             st["step"] = 0
         if st["block"] >= st["num_blocks"]:
             return None
-        s, e = self._block_span(seq)
+        s, e = block_span(seq, self.config.block_length)
         if st["step"] == 0:
             st["quota"] = quota(int((seq.canvas[0, s:e] == seq.special.mask).sum()), st["steps_per_block"])
             # with a cache, the block's first forward sees the whole canvas and (re)builds the cache
@@ -113,7 +120,7 @@ class FastDLLMPolicy(DecodingPolicy):
     # ------------------------------------------------------------------ commit
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
         st, cfg = seq.state, self.config
-        s, e = self._block_span(seq)
+        s, e = block_span(seq, self.config.block_length)
         step = st["step"]
         if step == 0 or cfg.cache == "none":
             lo, hi = 0, seq.length  # full canvas; earlier leftover masks stay eligible
@@ -141,7 +148,7 @@ class FastDLLMPolicy(DecodingPolicy):
         st = seq.state
         if self.config.cache == "dual" and st["step"] >= st["steps_per_block"]:
             return True
-        s, e = self._block_span(seq)
+        s, e = block_span(seq, self.config.block_length)
         group = st.get("batch_group") or [seq]
         return not any(bool((m.canvas[0, s:e] == m.special.mask).any()) for m in group)
 
@@ -162,10 +169,6 @@ class FastDLLMPolicy(DecodingPolicy):
         return transfer_fixed_or_threshold(
             logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng, cfg.top_k, cfg.top_p
         )
-
-    def _block_span(self, seq: Sequence) -> tuple[int, int]:
-        s = seq.prompt_len + seq.state["block"] * self.config.block_length
-        return s, s + self.config.block_length
 
 
 # ---------------------------------------------------------------------------- registry entries

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, canvas_positions
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    Sequence,
+    block_span,
+    canvas_positions,
+)
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     gather_prob,
@@ -83,7 +90,7 @@ class LLaDAPolicy(DecodingPolicy):
         if st["block"] >= st["num_blocks"]:
             return None
         if st["step"] == 0:
-            lo, hi = self._block_span(seq)
+            lo, hi = block_span(seq, self.config.block_length)
             n = int((seq.canvas[0, lo:hi] == seq.special.mask).sum())
             st["quota"] = quota(n, st["steps_per_block"])
         x, positions, valid = seq.canvas, st["positions"], seq.valid
@@ -101,7 +108,7 @@ class LLaDAPolicy(DecodingPolicy):
             cond, uncond = logits[0:1], logits[1:2]
             logits = uncond + (cfg.cfg_scale + 1) * (cond - uncond)
         x = seq.canvas
-        _, hi = self._block_span(seq)
+        _, hi = block_span(seq, self.config.block_length)
         # only masked slots before the block end can be committed (upstream: conf[:, hi:] = -inf and
         # where(mask, conf, -inf)); predictions are computed for those rows only
         candidates = x == special.mask
@@ -130,10 +137,6 @@ class LLaDAPolicy(DecodingPolicy):
         if st["step"] == st["steps_per_block"]:
             st["step"] = 0
             st["block"] += 1
-
-    def _block_span(self, seq: Sequence) -> tuple[int, int]:
-        lo = seq.prompt_len + seq.state["block"] * self.config.block_length
-        return lo, lo + self.config.block_length
 
 
 # ---------------------------------------------------------------------------- registry entries
