@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU torch: the local wheel. Any other spec pulls GBs of CUDA (GPU images pass their own TORCH_SPEC).
+# CPU torch: the local wheel. Any other spec pulls GBs of CUDA (GPU images pass their own TORCH_SPEC;
+# the torch-free operator image passes TORCH_SPEC= ).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,operator
+# runtime = the model server's stack, operator = kopf/kubernetes, test = both + the test tools
+EXTRAS ?= test
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: help install run serve test test-unit cluster-up cluster-down bench lint clean
@@ -18,7 +20,7 @@ help:
 $(STAMP): pyproject.toml hack/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
 	$(BIN)/pip install --quiet -c hack/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -104,7 +104,10 @@ def test_makefile_honours_what_the_containerfile_passes(name: str, tmp_path: Pat
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     recipe = proc.stdout
-    assert f'{venv}/bin/pip install --quiet "{variables["TORCH_SPEC"]}"' in recipe
+    if variables["TORCH_SPEC"]:
+        assert f'{venv}/bin/pip install --quiet "{variables["TORCH_SPEC"]}"' in recipe
+    else:  # the operator image: no torch at all
+        assert "torch" not in recipe
     assert f'-e ".[{variables["EXTRAS"]}]"' in recipe
     assert "-c hack/constraints.txt" in recipe
 
@@ -113,8 +116,10 @@ def test_gpu_default_and_cpu_variant_differ_only_by_build_args() -> None:
     runtime = stage("runtime")
     assert "+cpu" not in runtime.args["TORCH_SPEC"], "the default runtime image is the CUDA build"
     assert re.fullmatch(r"torch==[0-9.]+", runtime.args["TORCH_SPEC"]), "torch is pinned"
+    assert "runtime" in runtime.args["EXTRAS"].split(","), "the model server's stack is the `runtime` extra"
     operator = stage("operator")
-    assert operator.args["TORCH_SPEC"].endswith("+cpu") and "cpu" in operator.args["PIP_EXTRA_INDEX_URL"]
+    assert operator.args["TORCH_SPEC"] == "" and "runtime" not in operator.args["EXTRAS"].split(","), (
+        "the operator image carries no torch")
     # The CPU variant documented in the header must name build args the runtime stage declares.
     header = CONTAINERFILE.read_text().split("ARG BASE_IMAGE", 1)[0]
     for arg in re.findall(r"--build-arg (\w+)=", header):
@@ -166,3 +171,19 @@ def test_copied_sources_exist_and_context_keeps_them() -> None:
             for src in copy.split()[:-1]:
                 assert (ROOT / src).exists(), f"COPY {src}: missing"
                 assert src.split("/")[0] not in ignore, f"COPY {src} is excluded by .containerignore"
+
+
+def test_operator_code_never_imports_the_model_server_stack() -> None:
+    """The operator image installs only the `operator` extra: importing every dllm_operator module must
+    not need torch, transformers or kserve (a fresh interpreter, so other tests' imports don't count)."""
+    code = (
+        "import importlib, pkgutil, sys, dllm_operator\n"
+        "for m in pkgutil.walk_packages(dllm_operator.__path__, 'dllm_operator.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(n for n in ('torch', 'transformers', 'kserve') if n in sys.modules))\n"
+    )
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"dllm_operator imports {proc.stdout.strip()}"
