@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,16 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
 
 
+def _entries(paths: list[Path]) -> Iterator[tuple[Path, Any, str]]:
+    """`(file, open handle, tensor name)` for every tensor of the model, file by file (both passes
+    over a checkpoint skip the same non-parameter entries)."""
+    for path in paths:
+        with _open(path) as f:
+            for name in f.keys():
+                if not name.endswith(_IGNORED_SUFFIXES):
+                    yield path, f, name
+
+
 def _check_headers(paths: list[Path], expected: Mapping[str, tuple[int, ...]]) -> torch.dtype:
     """Validate names and shapes from the headers only (no tensor data is read); returns the stored dtype.
 
@@ -180,23 +190,17 @@ def _check_headers(paths: list[Path], expected: Mapping[str, tuple[int, ...]]) -
     """
     seen: dict[str, Path] = {}
     stored = torch.float32
-    for path in paths:
-        with _open(path) as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name not in expected:
-                    raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not part of this architecture)")
-                if name in seen:
-                    raise ModelLoadError(f"{path}: tensor {name!r} also appears in {seen[name]}")
-                info = f.get_slice(name)
-                shape = tuple(info.get_shape())
-                if shape != expected[name]:
-                    raise ModelLoadError(
-                        f"{path}: tensor {name!r} has shape {list(shape)}, config expects {list(expected[name])}"
-                    )
-                stored = _SAFETENSORS_FLOATS.get(info.get_dtype(), stored)
-                seen[name] = path
+    for path, f, name in _entries(paths):
+        if name not in expected:
+            raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not part of this architecture)")
+        if name in seen:
+            raise ModelLoadError(f"{path}: tensor {name!r} also appears in {seen[name]}")
+        info = f.get_slice(name)
+        shape = tuple(info.get_shape())
+        if shape != expected[name]:
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {list(shape)}, config expects {list(expected[name])}")
+        stored = _SAFETENSORS_FLOATS.get(info.get_dtype(), stored)
+        seen[name] = path
     missing = [name for name in expected if name not in seen]
     if missing:
         files = ", ".join(str(p) for p in paths)
@@ -206,16 +210,12 @@ def _check_headers(paths: list[Path], expected: Mapping[str, tuple[int, ...]]) -
 
 def _read_tensors(paths: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in paths:
-        with _open(path) as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as exc:  # data region unreadable although the header parsed
-                    raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {exc}") from exc
-                state[name] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+    for path, f, name in _entries(paths):
+        try:
+            tensor = f.get_tensor(name)
+        except Exception as exc:  # data region unreadable although the header parsed
+            raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {exc}") from exc
+        state[name] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
     return state
 
 
