@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from . import API_VERSION, KIND, api
+from . import API_VERSION, GROUP, KIND, PLURAL, api
 from .config import OperatorSettings
 from .download_state import (
     DownloadFailure,
@@ -113,7 +113,9 @@ class Reconciler:
                 self.kube.patch_status(API_VERSION, KIND, namespace, name, status)
                 return status
             except KubeError as exc:
-                if exc.retryable or exc.status == 404:
+                if exc.status == 404 and exc.message.startswith(f"{PLURAL}.{GROUP}"):
+                    return None  # deleted meanwhile
+                if exc.retryable:
                     raise UnreachableError(str(exc)) from exc
                 raise
 

@@ -43,6 +43,7 @@ ISVC = ("serving.kserve.io/v1beta1", "InferenceService")
 SR = ("serving.kserve.io/v1alpha1", "ServingRuntime")
 JOB = ("batch/v1", "Job")
 PVC = ("v1", "PersistentVolumeClaim")
+NS_PREFIX = "dlmtest-"
 TIMEOUT = float(os.environ.get("DLLM_OPERATOR_TEST_TIMEOUT", "60"))
 
 
@@ -59,7 +60,19 @@ def eventually(check: Callable[[], Any], timeout: float = TIMEOUT, interval: flo
         except (AssertionError, KubeError, KeyError, TypeError, IndexError) as exc:
             last = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}\n"
+                         f"operator log (timer lines left out):\n{operator_log_tail()}")
+
+
+OPERATOR_LOG: list[Path] = []
+
+
+def operator_log_tail(chars: int = 6000) -> str:
+    if not OPERATOR_LOG or not OPERATOR_LOG[0].exists():
+        return "(operator not started)"
+    lines = [line for line in OPERATOR_LOG[0].read_text().splitlines()
+             if "Timer 'resync' succeeded" not in line and "Handler 'on_child_event' succeeded" not in line]
+    return "\n".join(lines)[-chars:]
 
 
 def admin_kube(kubeconfig: str) -> Kube:
@@ -109,11 +122,14 @@ def operator(cluster) -> Iterator[Kube]:
     workdir = Path(tempfile.mkdtemp(prefix="dllm-operator-test-"))
     sa_config = service_account_kubeconfig(kube, kubeconfig, workdir / "kubeconfig")
     log_path = workdir / "operator.log"
+    OPERATOR_LOG[:] = [log_path]
     env = {**os.environ, "KUBECONFIG": str(sa_config), "DLLM_OPERATOR_RESYNC_SECONDS": "1",
            "DLLM_OPERATOR_DOWNLOAD_RETRY_BASE_SECONDS": "1", "DLLM_OPERATOR_DOWNLOAD_RETRY_MAX_SECONDS": "2",
            "DLLM_OPERATOR_RUNTIME_IMAGE": "registry.test/dllm-serve:test", "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dllm_operator", "--all-namespaces", "--standalone"],
+        # Only the namespaces of these tests (a glob: exercises kopf's namespace observation and its RBAC),
+        # so objects other test modules create elsewhere in the shared cluster are left alone.
+        proc = subprocess.Popen([sys.executable, "-m", "dllm_operator", f"--namespace={NS_PREFIX}*", "--standalone"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
         time.sleep(1.0)
@@ -134,7 +150,7 @@ def operator(cluster) -> Iterator[Kube]:
 @pytest.fixture
 def namespace(cluster) -> Iterator[str]:
     kubeconfig, kube = cluster
-    name = f"t-{uuid.uuid4().hex[:8]}"
+    name = f"{NS_PREFIX}{uuid.uuid4().hex[:8]}"
     kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": name}})
     yield name
