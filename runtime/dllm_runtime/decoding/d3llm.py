@@ -26,14 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dllm_runtime.decoding.base import (
-    DecodingPolicy,
-    ForwardSpec,
-    PositionFn,
-    Sequence,
-    block_span,
-    canvas_positions,
-)
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.dream import (
     reject_unused,
     shift_right,

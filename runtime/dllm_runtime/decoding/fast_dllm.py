@@ -23,14 +23,7 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import (
-    DecodingPolicy,
-    ForwardSpec,
-    PositionFn,
-    Sequence,
-    block_span,
-    canvas_positions,
-)
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.llada import (
     check_blocks,
     reference_kwargs,

@@ -14,14 +14,7 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import (
-    DecodingPolicy,
-    ForwardSpec,
-    PositionFn,
-    Sequence,
-    block_span,
-    canvas_positions,
-)
+from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     gather_prob,
