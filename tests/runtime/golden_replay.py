@@ -103,6 +103,12 @@ class ReplayModel(DiffusionModel):
         return logits
 
 
+def new_seq(prompt: list[int], slots: int, seed: int | None = 0) -> Sequence:
+    """One unpadded sequence `prompt | MASK * slots` with the golden special ids and its own seed."""
+    canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * slots])
+    return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
+
+
 def build_sequences(case: dict[str, Any], special: SpecialIds, gen_length: int) -> list[Sequence]:
     """One sequence per prompt row: `prompt | MASK * gen_length`, pads marked invalid."""
     prompt = torch.tensor(case["prompt"])

@@ -28,6 +28,7 @@ from tests.runtime.golden_replay import (
     ReplayModel,
     golden_cases,
     golden_tensors,
+    new_seq,
     output_of,
     run_case,
     tiny_model,
@@ -105,8 +106,7 @@ def _peaked(ids: torch.Tensor, tokens: dict[int, int], vocab: int = 256) -> torc
 
 
 def _seq(prompt_len: int, gen: int) -> Sequence:
-    canvas = torch.tensor([[248] + [7] * (prompt_len - 1) + [MASK] * gen])
-    return Sequence(canvas=canvas, prompt_len=prompt_len, special=TINY_SPECIAL, rng=RandomSource(0))
+    return new_seq([248] + [7] * (prompt_len - 1), gen)
 
 
 def _decode_token_then_eos(p: int, gen: int, early_stop: bool) -> tuple[Sequence, ScriptedModel]:
@@ -273,9 +273,7 @@ def test_serving_params_reproduce_the_reference(name: str) -> None:
                             decoded_token_threshold=kw["decoded_token_threshold"],
                             early_stop=kw.get("early_stop", False)).validate()
     model = tiny_model(case["model"])
-    prompt = case["prompt"][0]
-    seq = Sequence(canvas=torch.tensor([prompt + [MASK] * params.generation_slots()]), prompt_len=len(prompt),
-                   special=TINY_SPECIAL, rng=RandomSource(0))
+    seq = new_seq(case["prompt"][0], params.generation_slots())
     run_to_completion(model, [(seq, build_policy(params, model))])
     assert seq.canvas.tolist() == case["output"]
     assert seq.state["reference_nfe"] == case["nfe"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm_runtime.decoding.base import RandomSource, Sequence
+from dllm_runtime.decoding.base import RandomSource
 from dllm_runtime.decoding.dream import DreamPolicy, DreamSettings, dream_position_ids, sample_tokens
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.registry import build_policy
@@ -21,6 +21,7 @@ from tests.runtime.golden_replay import (
     ReplayModel,
     golden_cases,
     golden_tensors,
+    new_seq,
     output_of,
     run_case,
     tiny_model,
@@ -72,13 +73,9 @@ def test_batch_independence_of_seeded_sampling() -> None:
     settings = DreamSettings(steps=8, alg="entropy", temperature=0.7, top_p=0.9)
     policy = DreamPolicy(settings, model.position_ids)
 
-    def seq(prompt: list[int], seed: int) -> Sequence:
-        canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * 16])
-        return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
-
-    alone = seq([248, 17, 99, 3], 5)
+    alone = new_seq([248, 17, 99, 3], 16, seed=5)
     run_to_completion(model, [(alone, policy)])
-    a, b = seq([248, 17, 99, 3], 5), seq([248, 40, 41, 42], 6)
+    a, b = new_seq([248, 17, 99, 3], 16, seed=5), new_seq([248, 40, 41, 42], 16, seed=6)
     run_to_completion(model, [(a, policy), (b, policy)])
     assert torch.equal(alone.canvas, a.canvas)
     assert not (a.canvas == TINY_SPECIAL.mask).any()
@@ -89,8 +86,7 @@ def test_build_policy_from_params_serves_dream() -> None:
     params = DecodingParams(algorithm="dream", max_tokens=16, steps=8, alg="maskgit_plus", threshold=None)
     policy = build_policy(params, model)
     assert isinstance(policy, DreamPolicy) and policy.shift_logits
-    canvas = torch.tensor([[248, 17, 99, 3] + [TINY_SPECIAL.mask] * params.generation_slots()])
-    s = Sequence(canvas=canvas, prompt_len=4, special=TINY_SPECIAL, rng=RandomSource(0))
+    s = new_seq([248, 17, 99, 3], params.generation_slots())
     run_to_completion(model, [(s, policy)])
     assert s.nfe == 8 and not (s.canvas == TINY_SPECIAL.mask).any()
 
@@ -145,8 +141,6 @@ def test_serving_params_reproduce_the_reference(name: str) -> None:
                             temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
                             alg_temp=kw["alg_temp"], seed=case["seed_before_call"]).validate()
     model = tiny_model("dream_tiny")
-    prompt = case["prompt"][0]
-    canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * params.generation_slots()])
-    seq = Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(params.seed))
+    seq = new_seq(case["prompt"][0], params.generation_slots(), params.seed)
     run_to_completion(model, [(seq, build_policy(params, model))])
     assert seq.canvas.tolist() == case["output"] and seq.nfe == case["nfe"]

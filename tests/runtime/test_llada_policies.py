@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from dllm_runtime.decoding.base import RandomSource, Sequence
+from dllm_runtime.decoding.base import RandomSource
 from dllm_runtime.decoding.fast_dllm import FastDLLMConfig, FastDLLMPolicy
 from dllm_runtime.decoding.llada import LLaDAConfig, LLaDAPolicy
 from dllm_runtime.decoding.params import DecodingParams
@@ -29,16 +29,11 @@ from dllm_runtime.decoding.registry import (
     reference_key,
 )
 from dllm_runtime.engine.step import run_to_completion
-from tests.runtime.golden_replay import TINY_SPECIAL, golden_cases, one_thread, tiny_model  # noqa: F401
+from tests.runtime.golden_replay import TINY_SPECIAL, golden_cases, new_seq, one_thread, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = [248, 17, 99, 3, 42, 120, 7, 230]
-
-
-def new_seq(prompt: list[int], slots: int, seed: int | None = 0) -> Sequence:
-    canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * slots])
-    return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
 
 
 class CountingRandom(RandomSource):
