@@ -35,6 +35,7 @@ from .resources import (
     download_target,
     resolve_deployment_mode,
 )
+from .resources.download import ATTEMPT_ANNOTATION
 from .resources.mode import is_knative, kserve_default_mode
 from .status import Observation, compute_status
 
@@ -170,8 +171,10 @@ class Reconciler:
         ns = dlm.namespace
         job = self.kube.get("batch/v1", "Job", ns, target.job_name)
         state = job_state(job)
-        if job is not None and attempts == 0:
-            attempts = 1  # a Job from before this status existed (or status was wiped) still counts
+        if job is not None:
+            # The Job records its attempt number: the count survives a status write that was lost.
+            recorded = ((job.get("metadata") or {}).get("annotations") or {}).get(ATTEMPT_ANNOTATION, "1")
+            attempts = max(attempts, int(recorded) if recorded.isdigit() else 1)
         pods: list[dict] = []
         if state in ("Running", "Pending", "Failed"):
             pods = self.kube.list("v1", "Pod", ns, label_selector=f"job-name={target.job_name}")
@@ -211,7 +214,7 @@ class Reconciler:
             state = "Absent"
         elif decision.action == "create":
             try:
-                self.kube.create(build_download_job(dlm))
+                self.kube.create(build_download_job(dlm, attempt=attempts + 1))
                 attempts += 1
                 state = "Pending"
             except KubeError as exc:

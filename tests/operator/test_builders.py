@@ -107,6 +107,8 @@ def test_download_job_runs_dllm_serve_download_into_the_claim():
     claim = next(v for v in pod["volumes"] if v["name"] == "model-cache")
     assert claim["persistentVolumeClaim"]["claimName"] == target.claim_name == "llada-model-cache"
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["metadata"]["annotations"]["serving.dllm.io/attempt"] == "1"
+    assert build_download_job(dlm, attempt=3)["metadata"]["annotations"]["serving.dllm.io/attempt"] == "3"
     assert pod["restartPolicy"] == "Never"
     assert target.storage_uri == "pvc://llada-model-cache/models/GSAI-ML/LLaDA-8B-Instruct/v1.0"
 

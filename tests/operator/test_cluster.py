@@ -142,7 +142,8 @@ def operator(cluster) -> Iterator[Kube]:
         except subprocess.TimeoutExpired:
             proc.kill()
         text = log_path.read_text()
-        forbidden = [line for line in text.splitlines() if "403" in line or "forbidden" in line.lower()]
+        # The API server answers "403 Forbidden ... is forbidden: User ... cannot ..." to RBAC denials.
+        forbidden = [line for line in text.splitlines() if "forbidden" in line.lower()]
         print("---- operator log tail ----\n" + text[-6000:])
         assert not forbidden, "the operator hit RBAC denials:\n" + "\n".join(forbidden[:10])
 
@@ -349,6 +350,7 @@ def test_download_failure_reason_retry_with_backoff_then_failed(operator, namesp
     # Retried: the failed Job is replaced after the backoff; attempts counts it.
     eventually(lambda: (j := get(kube, JOB, ns, job)) and j["metadata"]["uid"] != first_uid, what="Job re-created")
     eventually(lambda: get(kube, DLM, ns, "gated")["status"]["download"]["attempts"] == 2, what="attempts == 2")
+    assert get(kube, JOB, ns, job)["metadata"]["annotations"]["serving.dllm.io/attempt"] == "2"
     kube.delete("v1", "Pod", ns, "gated-dl-pod")
     fail_job(kube, ns, job)
     st = eventually(lambda: (s := get(kube, DLM, ns, "gated")["status"])["phase"] == "Failed" and s,

@@ -50,7 +50,12 @@ def download_target(dlm: DiffusionLM) -> DownloadTarget | None:
     return DownloadTarget(job_name=job, claim_name=claim, path=path, revision=dlm.model.revision)
 
 
-def build_download_job(dlm: DiffusionLM) -> dict[str, Any] | None:
+ATTEMPT_ANNOTATION = "serving.dllm.io/attempt"
+
+
+def build_download_job(dlm: DiffusionLM, attempt: int = 1) -> dict[str, Any] | None:
+    """The Job for this spec's revision; `attempt` (1-based) is recorded on it so the retry count survives
+    a lost status write."""
     target = download_target(dlm)
     if target is None:
         return None
@@ -107,6 +112,7 @@ def build_download_job(dlm: DiffusionLM) -> dict[str, Any] | None:
         "serving.dllm.io/model-uri": dlm.model.uri,
         "serving.dllm.io/revision": target.revision,
         "serving.dllm.io/storage-uri": target.storage_uri,
+        ATTEMPT_ANNOTATION: str(attempt),
     }
     return {
         "apiVersion": "batch/v1",
