@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-SHARED = Path(os.environ.get("DLLM_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
-TOKENIZERS = SHARED / "tokenizers"
+#: Copies of ../shared/tokenizers (LLaDA stand-in with the real special ids and template, the real
+#: LLaDA-8B-Instruct configs, Dream's Qwen2 tokenizer): the suite runs on a clone alone.
+TOKENIZERS = Path(os.environ.get("DLLM_TOKENIZERS_DIR", Path(__file__).resolve().parents[1] / "assets" / "tokenizers"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 #: Released config formats with tiny sizes; the special ids are the real ones of each family.
@@ -190,7 +191,7 @@ def make_tiny_model_dir(
     write_weights(folder, tiny_state_dict(arch, config, seed), shards)
     source = TOKENIZERS / tokenizer
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: shared tokenizer folder missing (set DLLM_SHARED_DIR)")
+        raise FileNotFoundError(f"{source}: tokenizer folder missing (tests/assets/tokenizers or DLLM_TOKENIZERS_DIR)")
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)

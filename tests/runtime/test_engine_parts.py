@@ -1,6 +1,6 @@
 """Engine building blocks in isolation: incremental detokenizer and admission scheduler.
 
-The detokenizer runs against the real Dream (Qwen2 byte-level BPE) tokenizer from ../shared, where
+The detokenizer runs against the real Dream (Qwen2 byte-level BPE) tokenizer (tests/assets/tokenizers), where
 an emoji really is split across tokens, and a byte-level tokenizer for hand-made byte splits.
 """
 
@@ -25,8 +25,6 @@ def qwen():
     from dllm_runtime.tokenizer import load_tokenizer
 
     folder = Path(TOKENIZERS) / "dream-v0-instruct-7b"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} missing (set DLLM_SHARED_DIR)")
     return load_tokenizer(folder)
 
 
