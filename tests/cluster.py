@@ -10,6 +10,7 @@ never go green by skipping. The API server is Kubernetes 1.20 (built from Debian
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -113,12 +114,17 @@ def install_crds(kubeconfig: str, paths: Iterable[Path], timeout: float = 120) -
             assert "AlreadyExists" in proc.stderr, proc.stderr
             kubectl("replace", "--validate=false", "-f", "-", kubeconfig=kubeconfig, input=text, timeout=timeout)
     names = [d["metadata"]["name"] for d in docs]
-    # Polled rather than `kubectl wait`, which errors out while a just-created CRD has no conditions yet.
-    query = '{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Established")].status}{"\\n"}{end}'
+    # Polled, and read as JSON: both `kubectl wait` and a jsonpath filter error out while a just-created
+    # CRD has no conditions yet (seen on a fresh cluster).
     deadline = time.monotonic() + timeout
     while True:
-        out = kubectl("get", "crd", "-o", f"jsonpath={query}", kubeconfig=kubeconfig).stdout
-        established = {line.split("=")[0] for line in out.splitlines() if line.endswith("=True")}
+        items = json.loads(kubectl("get", "crd", "-o", "json", kubeconfig=kubeconfig).stdout)["items"]
+        established = {
+            crd["metadata"]["name"]
+            for crd in items
+            for cond in (crd.get("status") or {}).get("conditions") or []
+            if cond.get("type") == "Established" and cond.get("status") == "True"
+        }
         pending = set(names) - established
         if not pending:
             return names
