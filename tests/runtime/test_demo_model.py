@@ -120,9 +120,15 @@ def test_tokenizer_loads_offline_with_llada_special_tokens(demo_dir: Path, token
 
 
 def test_loads_in_saved_dtype_and_float32(demo_dir: Path, model: LLaDAModel) -> None:
+    from safetensors import safe_open
+
     config = json.loads((demo_dir / "config.json").read_text())
-    native = load_model(demo_dir)  # dtype from config.json
-    assert next(native.parameters()).dtype == getattr(torch, config["torch_dtype"])
+    auto = load_model(demo_dir)  # --dtype auto: config.json's torch_dtype (fp32, fast on CPU)
+    assert next(auto.parameters()).dtype == getattr(torch, config["torch_dtype"])
+    with safe_open(str(demo_dir / "model.safetensors"), framework="pt") as f:
+        stored = f.get_tensor(next(iter(f.keys()))).dtype
+    native = load_model(demo_dir, dtype=stored)  # the file's own dtype (bf16) also loads and runs on CPU
+    assert next(native.parameters()).dtype == stored
     ids = model.special_ids
     assert (ids.mask, ids.eos) == (config["mask_token_id"], config["eos_token_id"])
     assert ids.eot is not None and ids.bos is not None and ids.eot != ids.eos
