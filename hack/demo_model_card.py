@@ -52,7 +52,7 @@ chat template, `special_tokens_map.json`).
 | objective | LLaDA masked diffusion: t ~ U(0,1] (stratified per batch), mask rate (1−ε)t+ε, CE on masked tokens weighted 1/t, normalised by the maskable length |
 | data format | LLaDA SFT rows (chat-template prompt never masked; answer + `<\\|eot_id\\|>` + `<\\|endoftext\\|>` padding masked), every {a['plain_every']}th row plain pre-training text (`<\\|startoftext\\|>` question + answer, masked anywhere) |
 | optimisation | AdamW (β 0.9/0.95, wd {a['weight_decay']}), lr {a['lr']} with {a['warmup']} warm-up steps and cosine decay to {a['min_lr_ratio']}×, batch {a['batch_size']} rows (length-bucketed), {a['steps']} steps, grad clip {a['grad_clip']}, seed {a['seed']} |
-| compute | {m['train_seconds'] / 60:.1f} min wall on a shared 2-core CPU, {a['threads']} torch thread(s), mean {tok_s:.0f} tokens/s (torch {m['torch']}) |
+| compute | {m['train_seconds'] / 60:.1f} min wall on a 2-core CPU, {a['threads']} torch thread(s), mean {tok_s:.0f} tokens/s (torch {m['torch']}) |
 
 ## Reproduce
 

@@ -167,8 +167,9 @@ def test_threshold_decoding_commits_several_tokens_per_forward(model, tokenizer)
     """Fast-dLLM's confidence threshold commits more than one token in some forwards.
 
     This model is small and unsure of most content tokens, so at 0.9 the gain comes mostly from the
-    EOS tail and the answer's fixed format (measured 1.08-1.10 slots per forward at 128 slots; the
-    model card's table has the 50-prompt numbers); a lower threshold must buy fewer forwards.
+    EOS tail and the answer's fixed format (measured 1.13 slots per forward at 0.9 and 1.19 at 0.7 on
+    these 3 prompts at 128 slots, 1.10 / 1.18 on 50 in the model card; the previous 1000-step model
+    gave 1.08 at 0.9); a lower threshold must buy fewer forwards.
     """
     questions = [q.question for q in D.load_gsm8k(GSM8K_TEST, limit=3)]
     slots_per_forward = {}
@@ -177,8 +178,8 @@ def test_threshold_decoding_commits_several_tokens_per_forward(model, tokenizer)
         results = _decode(model, tokenizer, questions, params)
         assert all(r[1] > 0 for r in results), "every prompt gets a non-empty answer"
         slots_per_forward[threshold] = params.generation_slots() * len(questions) / sum(r[2] for r in results)
-    assert slots_per_forward[0.9] > 1.03, slots_per_forward
-    assert slots_per_forward[0.7] > slots_per_forward[0.9] * 1.1, slots_per_forward
+    assert slots_per_forward[0.9] > 1.08, slots_per_forward
+    assert slots_per_forward[0.7] > slots_per_forward[0.9] * 1.03, slots_per_forward
 
 
 # ---------------------------------------------------------------------------- training code
