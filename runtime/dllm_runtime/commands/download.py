@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from dllm_runtime.argtypes import for_argparse, non_negative_float, non_negative_int, positive_float, positive_int
 from dllm_runtime.download import (
     DEFAULT_ALLOW_PATTERNS,
     EXIT_CODES,
@@ -38,16 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--termination-log", type=Path, default=None, help="file receiving the final JSON event (e.g. /dev/termination-log)"
     )
-    parser.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries of network errors per step (default 3)")
-    parser.add_argument("--retry-backoff", type=_non_negative_float, default=2.0, help="seconds × attempt between retries (default 2)")
+    parser.add_argument("--max-retries", type=for_argparse(non_negative_int), default=3, help="retries of network errors per step (default 3)")
+    parser.add_argument("--retry-backoff", type=for_argparse(non_negative_float), default=2.0, help="seconds × attempt between retries (default 2)")
     parser.add_argument(
-        "--timeout", type=_positive_float, default=60.0, help="seconds without data before an HTTP request fails (default 60)"
+        "--timeout", type=for_argparse(positive_float), default=60.0, help="seconds without data before an HTTP request fails (default 60)"
     )
     parser.add_argument(
-        "--max-workers", type=_positive_int, default=4, help="files downloaded in parallel (default 4)"
+        "--max-workers", type=for_argparse(positive_int), default=4, help="files downloaded in parallel (default 4)"
     )
     parser.add_argument(
-        "--progress-interval", type=_non_negative_float, default=2.0, help="seconds between progress lines (default 2)"
+        "--progress-interval", type=for_argparse(non_negative_float), default=2.0, help="seconds between progress lines (default 2)"
     )
 
 
@@ -86,31 +87,3 @@ def _read_token(token_file: Path | None) -> str | None:
     if token_file is not None:
         return token_file.read_text(encoding="utf-8").strip() or None
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
-
-
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return x
-
-
-def _non_negative_float(value: str) -> float:
-    x = float(value)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return x

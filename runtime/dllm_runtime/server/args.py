@@ -14,35 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dllm_runtime.argtypes import for_argparse, non_negative_float, non_negative_int, port, positive_int
+
 ENV_PREFIX = "DLLM_"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 < value < 65536:
-        raise ValueError(f"must be a TCP port (1-65535), got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"must be >= 0, got {text}")
-    return value
 
 
 def _bool(text: str) -> bool:
@@ -81,51 +55,51 @@ class Option:
 SERVER_OPTIONS: tuple[Option, ...] = (
     Option("model", str, None, "Model folder (config.json + *.safetensors + tokenizer). "
            "Default: the built-in demo model. In KServe: /mnt/models."),
-    Option("model-wait-timeout", _non_negative_float, 0.0, "Seconds to wait for <model>/config.json to "
+    Option("model-wait-timeout", non_negative_float, 0.0, "Seconds to wait for <model>/config.json to "
            "appear (a modelcar sidecar or a copy still filling the folder); readiness is 503 meanwhile."),
     Option("served-model-name", str, None, "Name clients use in `model` and the readiness paths "
            "(default: the model folder's name; `dllm-demo` for the built-in model)."),
     Option("host", str, "0.0.0.0", "Address to listen on."),
-    Option("port", _port, 8080, "HTTP port (OpenAI API, health, readiness and /metrics)."),
+    Option("port", port, 8080, "HTTP port (OpenAI API, health, readiness and /metrics)."),
     Option("dtype", str, "auto", "Weight dtype; `auto` keeps the checkpoint's dtype "
            "(float32 on CPU).", choices=("auto", "float32", "bfloat16", "float16")),
     Option("device", str, "auto", "torch device: `auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`."),
-    Option("max-model-len", _positive_int, None, "Longest prompt + max_tokens accepted "
+    Option("max-model-len", positive_int, None, "Longest prompt + max_tokens accepted "
            "(default: the model's max_position_embeddings / max_sequence_length)."),
-    Option("max-num-seqs", _positive_int, 16, "Most sequences decoded together in one forward (batch slots)."),
-    Option("max-num-batched-tokens", _positive_int, None, "Most canvas tokens in one forward (default: engine's)."),
-    Option("max-waiting", _non_negative_int, 256, "Most requests queued behind the running batch; "
+    Option("max-num-seqs", positive_int, 16, "Most sequences decoded together in one forward (batch slots)."),
+    Option("max-num-batched-tokens", positive_int, None, "Most canvas tokens in one forward (default: engine's)."),
+    Option("max-waiting", non_negative_int, 256, "Most requests queued behind the running batch; "
            "beyond it requests get 429 with Retry-After."),
-    Option("max-cache-bytes", _positive_int, None, "KV-cache memory budget in bytes across running "
+    Option("max-cache-bytes", positive_int, None, "KV-cache memory budget in bytes across running "
            "sequences (default: engine's)."),
     Option("api-key", _optional_str, None, "If set, /v1 and /openai/v1 require `Authorization: Bearer <key>`."),
     Option("trust-remote-code", _bool, False, "Accepted for vLLM compatibility and ignored: "
            "dllm-serve runs no remote code (native models only).", flag=True),
-    Option("max-body-bytes", _positive_int, 8 * 1024 * 1024, "Largest accepted request body; larger gets 413."),
-    Option("max-n", _positive_int, 16, "Most choices per request (`n` x number of prompts)."),
-    Option("default-max-tokens", _positive_int, 128, "Generation length when a request sets neither "
+    Option("max-body-bytes", positive_int, 8 * 1024 * 1024, "Largest accepted request body; larger gets 413."),
+    Option("max-n", positive_int, 16, "Most choices per request (`n` x number of prompts)."),
+    Option("default-max-tokens", positive_int, 128, "Generation length when a request sets neither "
            "max_tokens nor max_completion_tokens."),
-    Option("grace-period", _non_negative_float, 30.0, "Seconds to finish in-flight requests after SIGTERM "
+    Option("grace-period", non_negative_float, 30.0, "Seconds to finish in-flight requests after SIGTERM "
            "(new requests get 503 meanwhile). Keep below the pod's terminationGracePeriodSeconds."),
-    Option("retry-after", _positive_int, 1, "Seconds sent in Retry-After with 429 (queue full) and 503."),
+    Option("retry-after", positive_int, 1, "Seconds sent in Retry-After with 429 (queue full) and 503."),
     Option("enable-grpc", _bool, False, "Also start KServe's gRPC (v2) server.", flag=True),
-    Option("grpc-port", _port, 8081, "gRPC port when --enable-grpc."),
+    Option("grpc-port", port, 8081, "gRPC port when --enable-grpc."),
 )
 
 #: Server defaults of `dllm_runtime.decoding.params.DecodingParams`; `dest` is the field name.
 DECODING_OPTIONS: tuple[Option, ...] = (
     Option("algorithm", str, None, "Decoder (default: the model family's own).",
            choices=("llada", "fast_dllm", "dream", "d3llm")),
-    Option("steps", _positive_int, None, "Denoising steps over the whole generation."),
-    Option("block-length", _positive_int, None, "Semi-autoregressive block length."),
-    Option("temperature", _non_negative_float, None, "Default sampling temperature (0 = greedy)."),
+    Option("steps", positive_int, None, "Denoising steps over the whole generation."),
+    Option("block-length", positive_int, None, "Semi-autoregressive block length."),
+    Option("temperature", non_negative_float, None, "Default sampling temperature (0 = greedy)."),
     Option("top-p", float, None, "Default nucleus sampling mass."),
     Option("top-k", int, None, "Default top-k."),
     Option("remasking", str, None, "LLaDA remasking.", choices=("low_confidence", "random")),
     Option("threshold", float, None, "Fast-dLLM / d3LLM confidence threshold (parallel commits)."),
     Option("factor", float, None, "Fast-dLLM factor-based parallel decoding."),
     Option("cache", str, None, "Block KV cache.", choices=("none", "prefix", "dual")),
-    Option("cfg-scale", _non_negative_float, None, "Classifier-free guidance scale (LLaDA)."),
+    Option("cfg-scale", non_negative_float, None, "Classifier-free guidance scale (LLaDA)."),
     Option("alg", str, None, "Dream remasking algorithm.", choices=("origin", "maskgit_plus", "topk_margin", "entropy")),
     Option("alg-temp", float, None, "Dream position-selection temperature."),
     Option("eps", float, None, "Dream time-schedule epsilon."),
@@ -179,14 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argparse_type(opt: Option) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return opt.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
-
-    parse.__name__ = opt.dest
-    return parse
+    convert = for_argparse(opt.parse)
+    convert.__name__ = opt.dest
+    return convert
 
 
 class SettingsError(ValueError):
