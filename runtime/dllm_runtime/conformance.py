@@ -29,7 +29,7 @@ import torch
 from dllm_runtime.decoding.base import RandomSource, Sequence
 from dllm_runtime.decoding.registry import policy_from_reference
 from dllm_runtime.engine.step import run_to_completion
-from dllm_runtime.models.base import SpecialIds
+from dllm_runtime.models.base import SpecialIds, select_logits
 
 GOLDEN_SUFFIX = "_golden.json"
 TENSORS_SUFFIX = "_golden_tensors.safetensors"
@@ -145,8 +145,10 @@ class RecordingModel:
             raise AttributeError(name)
         return getattr(self.model, name)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None) -> torch.Tensor:
-        logits = self.model(input_ids, positions, attention)
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None, logits_index: Any = None
+    ) -> torch.Tensor:
+        logits = self.model(input_ids, positions, attention)  # every position: the trace compares them all
         cache_rows = getattr(attention, "rows", None)
         if cache_rows is not None:  # BatchedCacheAttention: rows carry their ForwardSpec
             lengths = [r.length for r in cache_rows]
@@ -159,7 +161,7 @@ class RecordingModel:
         valid = getattr(attention, "new_valid", getattr(attention, "key_valid", None))
         valid = None if valid is None else valid.detach().cpu().clone()
         self.records.append(ForwardRecord(rows, windows, kept, valid))
-        return logits
+        return select_logits(logits, logits_index)
 
 
 class LogitsReplayModel:
@@ -178,7 +180,9 @@ class LogitsReplayModel:
         self.shift_logits = shift_logits
         self.calls = 0
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None, logits_index: Any = None
+    ) -> torch.Tensor:
         if self.calls >= len(self.logits):
             raise RuntimeError(f"decoder ran forward {self.calls + 1} but the reference made only {len(self.logits)}")
         out = self.logits[self.calls]
@@ -188,7 +192,7 @@ class LogitsReplayModel:
                 f"forward {self.calls}: input {tuple(input_ids.shape)}, "
                 f"but the reference's logits are {tuple(out.shape)}"
             )
-        return out.to(input_ids.device)
+        return select_logits(out.to(input_ids.device), logits_index)
 
 
 # ---------------------------------------------------------------------------- RNG seams

@@ -31,7 +31,7 @@ from torch import nn
 from dllm_runtime.decoding.base import RandomSource, Sequence
 from dllm_runtime.decoding.registry import policy_from_reference
 from dllm_runtime.engine.step import run_to_completion
-from dllm_runtime.models.base import DiffusionModel, SpecialIds
+from dllm_runtime.models.base import DiffusionModel, SpecialIds, select_logits
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TINY_SPECIAL = SpecialIds(mask=250, eos=251, pad=251, eot=252, bos=248)
@@ -92,7 +92,9 @@ class ReplayModel(DiffusionModel):
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:  # pragma: no cover - unused
         raise AssertionError("policies take positions from their own rule")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Any = None, logits_index: Any = None
+    ) -> torch.Tensor:
         assert self.calls < len(self.trace), f"forward {self.calls}: the reference made only {len(self.trace)}"
         expected = torch.tensor(self.trace[self.calls]["input_ids"])
         assert torch.equal(input_ids, expected), (
@@ -100,7 +102,7 @@ class ReplayModel(DiffusionModel):
         )
         logits = self.tensors[self.trace[self.calls]["logits_key"]]
         self.calls += 1
-        return logits
+        return select_logits(logits, logits_index)
 
 
 def new_seq(prompt: list[int], slots: int, seed: int | None = 0) -> Sequence:

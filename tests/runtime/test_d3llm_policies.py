@@ -22,7 +22,7 @@ from dllm_runtime.decoding.d3llm import (
 from dllm_runtime.decoding.params import DecodingParams
 from dllm_runtime.decoding.registry import build_policy
 from dllm_runtime.engine.step import run_to_completion
-from dllm_runtime.models.base import DiffusionModel
+from dllm_runtime.models.base import DiffusionModel, select_logits
 from tests.runtime.golden_replay import (
     TINY_SPECIAL,
     ReplayModel,
@@ -92,9 +92,9 @@ class ScriptedModel(DiffusionModel):
     def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
         return llada_position_ids(valid)
 
-    def forward(self, input_ids, positions, attention=None):  # type: ignore[override]
+    def forward(self, input_ids, positions, attention=None, logits_index=None):  # type: ignore[override]
         self.forwards += 1
-        return self.fn(input_ids)
+        return select_logits(self.fn(input_ids), logits_index)
 
 
 def _peaked(ids: torch.Tensor, tokens: dict[int, int], vocab: int = 256) -> torch.Tensor:

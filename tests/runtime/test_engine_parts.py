@@ -180,3 +180,46 @@ def test_batched_forward_logits_do_not_depend_on_the_batch(model_name: str, thre
                 assert a.shape == b.shape and torch.equal(a, b)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("min_tokens", [0, 64])
+def test_logits_at_selects_exactly_the_full_heads_rows(min_tokens: int, threads: int) -> None:
+    """`ForwardSpec.logits_at`: the head runs on a few positions; those logits equal the full head's.
+
+    Selections of 1..n positions (the LLaDA policy's candidates) alone and mixed with rows that
+    want every position; `min_tokens=0` is the conformance path, where only `MIN_HEAD_ROWS` keeps
+    the small head GEMM on the same kernel as a full-canvas one.
+    """
+    import torch
+
+    from dllm_runtime.decoding.base import ForwardSpec, RandomSource, Sequence
+    from dllm_runtime.engine.step import batched_forward
+    from tests.runtime.golden_replay import tiny_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = tiny_model("llada_tiny")
+        gen = torch.Generator().manual_seed(1)
+
+        def spec(length: int, picks: list[int] | None, rows: int = 1) -> tuple[Sequence, ForwardSpec]:
+            ids = torch.randint(0, 248, (rows, length), generator=gen)
+            pos = model.position_ids(torch.ones(rows, length, dtype=torch.bool))
+            at = None
+            if picks is not None:
+                at = torch.zeros(length, dtype=torch.bool)
+                at[picks] = True
+            seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
+            return seq, ForwardSpec(ids, pos, logits_at=at)
+
+        work = [spec(24, [23]), spec(40, list(range(8, 16))), spec(17, None), spec(24, [0, 5], rows=2), spec(24, [])]
+        full = [batched_forward(model, [(s, ForwardSpec(f.input_ids, f.positions))], min_tokens)[0] for s, f in work]
+        together = batched_forward(model, work, min_tokens)
+        for (_, f), whole, got in zip(work, full, together):
+            want = whole if f.logits_at is None else whole[:, f.logits_at]
+            alone = batched_forward(model, [(_, f)], min_tokens)[0]
+            assert got.shape == want.shape == alone.shape
+            assert torch.equal(got, want) and torch.equal(alone, want)
+    finally:
+        torch.set_num_threads(before)

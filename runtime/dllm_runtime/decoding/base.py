@@ -65,6 +65,8 @@ class ForwardSpec:
     keys outside that window (`kv[:offset] ++ new ++ kv[offset+T:]`, the Fast-dLLM prefix and dual
     cache orders). With `store_cache`, the forward's post-RoPE k/v replace the sequence's cache for
     canvas positions `[offset, offset + T)` (a full-canvas forward with `offset=0` builds it).
+    With `logits_at` `(T,)` bool, `commit` receives logits `(R, n, V)` for the `n` marked window
+    positions only (in order) instead of `(R, T, V)`: the LM head then runs on those alone.
     """
 
     input_ids: torch.Tensor
@@ -73,6 +75,7 @@ class ForwardSpec:
     offset: int = 0
     use_cache: bool = False
     store_cache: bool = False
+    logits_at: torch.Tensor | None = None
 
 
 @dataclass

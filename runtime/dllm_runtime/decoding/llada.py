@@ -93,25 +93,32 @@ class LLaDAPolicy(DecodingPolicy):
             x = torch.cat([x, unconditional])
             positions = torch.cat([positions, positions])
             valid = None if valid is None else torch.cat([valid, valid])
-        return ForwardSpec(input_ids=x, positions=positions, valid=valid)
+        return ForwardSpec(input_ids=x, positions=positions, valid=valid, logits_at=self._candidates(seq)[0])
+
+    def _candidates(self, seq: Sequence) -> torch.Tensor:
+        """`(1, L)` bool: the slots this step may commit, masked and before the block's end.
+
+        Upstream sets `conf[:, hi:] = -inf` and `where(mask, conf, -inf)`; every op that decides a
+        step is per position, so the forward computes logits for these positions only.
+        """
+        _, hi = block_span(seq, self.config.block_length)
+        candidates = seq.canvas == seq.special.mask
+        candidates[:, hi:] = False
+        return candidates
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """`logits` `(R, n, V)` at the `n` candidate slots (`ForwardSpec.logits_at`)."""
         cfg, st, special = self.config, seq.state, seq.special
         if cfg.cfg_scale > 0:
             cond, uncond = logits[0:1], logits[1:2]
             logits = uncond + (cfg.cfg_scale + 1) * (cond - uncond)
         x = seq.canvas
-        _, hi = block_span(seq, self.config.block_length)
-        # only masked slots before the block end can be committed (upstream: conf[:, hi:] = -inf and
-        # where(mask, conf, -inf)); predictions are computed for those rows only
-        candidates = x == special.mask
-        candidates[:, hi:] = False
-        selected = logits[candidates]  # (n, V), a copy: the in-place edits below stay local
+        candidates = self._candidates(seq)  # the canvas has not changed since `plan`
+        selected = logits[0].clone()  # (n, V); the in-place edits below stay local
+        full_shape = (1, x.shape[1], selected.shape[-1])  # the reference's (B, L, V): same RNG draws
         if cfg.logits_eos_inf:
             selected[:, special.eos] = -torch.inf
-        x0_sel = gumbel_argmax(
-            selected, cfg.temperature, seq.rng, tuple(logits.shape), candidates, cfg.top_k, cfg.top_p
-        )
+        x0_sel = gumbel_argmax(selected, cfg.temperature, seq.rng, full_shape, candidates, cfg.top_k, cfg.top_p)
         if cfg.confidence_eos_eot_inf:
             # after the argmax, as upstream. At T == 0 the Gumbel output IS the logits tensor, so both
             # EOS and EoT lose their probability mass; at T > 0 only EoT does (EOS hits the noisy copy)

@@ -194,17 +194,51 @@ def batched_forward(
         attention = KeyMaskAttention(None if bool(valid.all()) else valid)
     else:
         attention = RaggedAttention(rows, valid)
-    logits = model(ids, pos, attention)
+    if not any(spec.logits_at is not None for _, spec in work):
+        logits = model(ids, pos, attention)
+        out, i = [], 0
+        for seq, spec in work:
+            n, t = spec.input_ids.shape
+            if packed:
+                out.append(torch.stack([r.tokens(logits) for r in rows[i : i + n]]))
+            else:
+                out.append(logits[i : i + n, :t])
+            i += n
+        return out
 
+    index, counts = _logits_index(rows, shape[1], min_tokens)
+    selected = model(ids, pos, attention, logits_index=index).split(counts)
     out, i = [], 0
-    for seq, spec in work:
-        n, t = spec.input_ids.shape
-        if packed:
-            out.append(torch.stack([r.tokens(logits) for r in rows[i : i + n]]))
-        else:
-            out.append(logits[i : i + n, :t])
+    for _, spec in work:  # a row's chunk is (n, V) for its `logits_at`, else (T, V)
+        n = spec.input_ids.shape[0]
+        out.append(torch.stack(selected[i : i + n]))
         i += n
     return out
+
+
+#: the LM head never runs on fewer positions than this: small GEMMs take other CPU kernels (see
+#: `batched_forward`), and the selected positions' logits must equal a full-canvas head's
+MIN_HEAD_ROWS = 64
+
+
+def _logits_index(rows: list[_Row], width: int, min_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """Flat `(B·T)` indices of the positions whose logits the rows' policies read, and per-row counts.
+
+    A row without `logits_at` wants all its positions. The index is padded with position 0 (its
+    logits are dropped) to `max(min_tokens, MIN_HEAD_ROWS)` entries, for the reason above.
+    """
+    parts, counts = [], []
+    for r in rows:
+        at = r.spec.logits_at
+        local = torch.arange(r.length) if at is None else at.nonzero()[:, 0].cpu()
+        parts.append(local + (r.b * width + r.start))
+        counts.append(local.numel())
+    index = torch.cat(parts)
+    short = max(min_tokens, MIN_HEAD_ROWS) - index.numel()
+    if short > 0:
+        index = torch.cat([index, torch.zeros(short, dtype=index.dtype)])
+        counts.append(short)
+    return index.to(rows[0].spec.input_ids.device), counts
 
 
 @dataclass

@@ -68,9 +68,24 @@ class DiffusionModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attention: AttentionContext | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw (unshifted) logits `(B, T, V)` for `input_ids` `(B, T)` at RoPE `positions` `(B, T)`.
 
         `attention=None` means full bidirectional attention over exactly these tokens.
+        `logits_index` `(N,)` long: flat indices into the `B·T` positions whose logits are wanted;
+        the result is then `(N, V)` (see `select_logits`). A decoder reads only the masked slots of
+        its current block, and the LM head is the largest matmul of a small model and the largest
+        activation of a big one (`T × V` per row), so the step loop asks for those positions only.
         """
         raise NotImplementedError
+
+
+def select_logits(logits: torch.Tensor, logits_index: torch.Tensor | None) -> torch.Tensor:
+    """`(B, T, V)` logits → `(N, V)` at the flat positions `logits_index` (None: unchanged).
+
+    For model wrappers (recording, replaying, test doubles) that compute every position first.
+    """
+    if logits_index is None:
+        return logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, logits_index)

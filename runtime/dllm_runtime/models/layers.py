@@ -180,12 +180,15 @@ class NativeModel(DiffusionModel):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attention: AttentionContext | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         embed, layers, norm, head = self.stack()
         x = embed(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
         for layer in layers:
             x = layer(x, cos_sin, attention)
+        if logits_index is not None:  # the final norm is per position: select first, then norm + head
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_index)
         return F.linear(norm(x), head)
 
 
