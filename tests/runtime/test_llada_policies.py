@@ -301,7 +301,8 @@ def test_prefix_cache_plans_suffix_windows_after_the_block_start() -> None:
     policy.init(seq)
     while (spec := policy.plan(seq)) is not None:
         windows.append((spec.offset, spec.input_ids.shape[1], spec.use_cache, spec.store_cache))
-        policy.commit(seq, torch.zeros(spec.input_ids.shape[0], spec.input_ids.shape[1], 256))
+        assert spec.logits_at is not None  # logits of the window's candidate slots only
+        policy.commit(seq, torch.zeros(spec.input_ids.shape[0], int(spec.logits_at.sum()), 256))
         seq.nfe += 1
     # block 0 starts at 8, block 1 at 16; each block: one full storing forward, then suffix windows
     assert windows[0] == (0, 24, False, True) and windows[1] == (8, 16, True, False)

@@ -98,8 +98,7 @@ class FastDLLMPolicy(DecodingPolicy):
             return self._window(seq, s, e, use=True)
         return self._window(seq, 0, seq.length)
 
-    @staticmethod
-    def _window(seq: Sequence, lo: int, hi: int, store: bool = False, use: bool = False) -> ForwardSpec:
+    def _window(self, seq: Sequence, lo: int, hi: int, store: bool = False, use: bool = False) -> ForwardSpec:
         valid = None if seq.valid is None else seq.valid[:, lo:hi]
         return ForwardSpec(
             input_ids=seq.canvas[:, lo:hi],
@@ -108,10 +107,20 @@ class FastDLLMPolicy(DecodingPolicy):
             offset=lo,
             use_cache=use,
             store_cache=store,
+            logits_at=self._candidates(seq, lo, hi)[0],
         )
+
+    def _candidates(self, seq: Sequence, lo: int, hi: int) -> torch.Tensor:
+        """`(1, hi - lo)` bool: the window's masked slots before the block's end, the only ones a step
+        can commit (earlier leftover masks included, as upstream); the forward computes their logits."""
+        _, e = block_span(seq, self.config.block_length)
+        mask = seq.canvas[:, lo:hi] == seq.special.mask
+        mask[:, e - lo :] = False
+        return mask
 
     # ------------------------------------------------------------------ commit
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """`logits` `(1, n, V)` at the window's `n` candidate slots (`ForwardSpec.logits_at`)."""
         st, cfg = seq.state, self.config
         s, e = block_span(seq, self.config.block_length)
         step = st["step"]
@@ -120,13 +129,12 @@ class FastDLLMPolicy(DecodingPolicy):
         elif cfg.cache == "prefix":
             lo, hi = s, seq.length
             if cfg.temperature > 0:  # upstream draws Gumbel noise for the slice and discards it
-                seq.rng.rand(tuple(logits.shape), torch.float64, logits.device)
+                seq.rng.rand((1, hi - lo, logits.shape[-1]), torch.float64, logits.device)
         else:
             lo, hi = s, e
         window = seq.canvas[:, lo:hi]
-        mask = window == seq.special.mask
-        mask[:, e - lo :] = False
-        x0, transfer = self._transfer(seq, logits, mask, window, step)
+        mask = self._candidates(seq, lo, hi)  # the canvas has not changed since `plan`
+        x0, transfer = self._transfer(seq, logits[0], mask, window, step)
         window[transfer] = x0[transfer]  # a view: writes into seq.canvas
         st["step"] = step + 1  # whether the block is over is decided at the next `plan`
 

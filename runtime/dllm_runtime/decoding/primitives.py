@@ -122,11 +122,14 @@ def fast_predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast-dLLM's shared prologue: `x0` and its confidence (`floor` where not masked), `(B, L)` each.
 
-    Confidence = float64 softmax probability of `x0`, or U[0,1) `(B, L)` drawn after the Gumbel
-    noise for random remasking (float64 in the threshold/fixed rule, float32 in the factor rule).
+    `logits` are the window's `(B, L, V)`, or `(n, V)` already at the `mask` positions (what the
+    step loop returns for `ForwardSpec.logits_at`). Confidence = float64 softmax probability of
+    `x0`, or U[0,1) `(B, L)` drawn after the Gumbel noise for random remasking (float64 in the
+    threshold/fixed rule, float32 in the factor rule).
     """
-    selected = logits[mask]
-    x0_sel = gumbel_argmax(selected, temperature, rng, tuple(logits.shape), mask, top_k, top_p)
+    selected = logits[mask] if logits.dim() == 3 else logits
+    full_shape = (*mask.shape, logits.shape[-1])  # the reference's draws are for the whole window
+    x0_sel = gumbel_argmax(selected, temperature, rng, full_shape, mask, top_k, top_p)
     if remasking == "low_confidence":
         conf_sel = gather_prob(torch.softmax(selected.to(torch.float64), dim=-1), x0_sel)
     elif remasking == "random":
