@@ -32,7 +32,13 @@ from dllm_runtime.models.llada import LLaDAConfig  # noqa: E402
 from dllm_runtime.tokenizer import load_tokenizer  # noqa: E402
 from dllm_runtime.training import data as D  # noqa: E402
 from dllm_runtime.training import tokenizer as T  # noqa: E402
-from dllm_runtime.training.objective import diffusion_loss, mask_tokens, masked_token_metrics, sample_t  # noqa: E402
+from dllm_runtime.training.objective import (  # noqa: E402
+    certainty_loss,
+    diffusion_loss,
+    mask_tokens,
+    masked_token_metrics,
+    sample_t,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--certainty-weight", type=float, default=0.0, help="weight of dParallel's certainty-forcing term (entropy of correct masked predictions)")
+    p.add_argument("--certainty-from", type=int, default=0, help="add the certainty term from this step on")
     p.add_argument("--plain-every", type=int, default=4, help="every k-th row is plain pre-training text (0: none)")
     p.add_argument("--extra-eos", type=int, default=32, help="up to this many extra EOS pads per batch")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training rows (smoke runs)")
@@ -269,7 +277,10 @@ def train(
         mb = mask_tokens(ids, maskable, tids.mask, t, mask_gen)
         positions = torch.arange(ids.shape[1]).expand_as(ids)
         hidden = hidden_states(model, mb.noisy, positions)
-        loss = diffusion_loss(head(model, hidden[mb.masked]), ids, mb, maskable)
+        masked_logits = head(model, hidden[mb.masked])
+        loss = diffusion_loss(masked_logits, ids, mb, maskable)
+        if args.certainty_weight and step >= args.certainty_from:
+            loss = loss + args.certainty_weight * certainty_loss(masked_logits, ids[mb.masked])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         opt.zero_grad(set_to_none=True)
