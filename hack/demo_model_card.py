@@ -17,7 +17,7 @@ from pathlib import Path
 DEFAULTS_CMD = ".venv/bin/python hack/train_demo_model.py --output runtime/dllm_runtime/demo_model"
 
 
-def render(folder: Path, tpf_table: str | None = None) -> str:
+def render(folder: Path, tpf_table: str | None = None, sample: str | None = None) -> str:
     m = json.loads((folder / "training_metrics.json").read_text())
     cfg = json.loads((folder / "config.json").read_text())
     bos = json.loads((folder / "generation_config.json").read_text())["bos_token_id"]
@@ -26,6 +26,14 @@ def render(folder: Path, tpf_table: str | None = None) -> str:
     last = m["history"][-1]
     tok_s = sum(h["tokens_per_s"] for h in m["history"]) / len(m["history"])
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    certainty = ""
+    if a.get("certainty_weight"):
+        certainty = (
+            f"; from step {a['certainty_from']} on plus {a['certainty_weight']:g} × the mean entropy of the masked"
+            " predictions that are already correct (dParallel's certainty forcing: confident where right, so"
+            " threshold decoders commit more per forward)"
+        )
+    example = f' (a greedy answer: "{sample.strip()}")' if sample else ""
     tpf = tpf_table.strip() if tpf_table else "Run `.venv/bin/python hack/demo_model_tpf.py --num-prompts 50` to measure."
     return f"""# dllm-serve demo model: a tiny LLaDA trained on GSM8K
 
@@ -49,7 +57,7 @@ chat template, `special_tokens_map.json`).
 | parameters | {m['parameters'] / 1e6:.2f} M |
 | vocabulary | {cfg['vocab_size']}: byte-level BPE (GPT-2 pre-tokenisation) + `<\\|startoftext\\|>` {bos}, `<\\|endoftext\\|>` {cfg['eos_token_id']} (EOS = pad), `<\\|mdm_mask\\|>` {cfg['mask_token_id']}, `<\\|start_header_id\\|>`, `<\\|end_header_id\\|>`, `<\\|eot_id\\|>` |
 | training data | GSM8K train ({m['train_rows']} rows of ≤ {a['max_seq_len']} tokens; MIT license), calculator annotations `<<…>>` removed |
-| objective | LLaDA masked diffusion: t ~ U(0,1] (stratified per batch), mask rate (1−ε)t+ε, CE on masked tokens weighted 1/t, normalised by the maskable length |
+| objective | LLaDA masked diffusion: t ~ U(0,1] (stratified per batch), mask rate (1−ε)t+ε, CE on masked tokens weighted 1/t, normalised by the maskable length{certainty} |
 | data format | LLaDA SFT rows (chat-template prompt never masked; answer + `<\\|eot_id\\|>` + `<\\|endoftext\\|>` padding masked), every {a['plain_every']}th row plain pre-training text (`<\\|startoftext\\|>` question + answer, masked anywhere) |
 | optimisation | AdamW (β 0.9/0.95, wd {a['weight_decay']}), lr {a['lr']} with {a['warmup']} warm-up steps and cosine decay to {a['min_lr_ratio']}×, batch {a['batch_size']} rows (length-bucketed), {a['steps']} steps, grad clip {a['grad_clip']}, seed {a['seed']} |
 | compute | {m['train_seconds'] / 60:.1f} min wall on a 2-core CPU, {a['threads']} torch thread(s), mean {tok_s:.0f} tokens/s (torch {m['torch']}) |
@@ -92,7 +100,7 @@ dllm-serve serve   # OpenAI API on :8080, model name from the folder
 
 Trained for minutes on 7k short math word problems: it knows GSM8K's vocabulary and answer layout
 (sentences with `=` and a final `#### N` line) but not arithmetic, facts or even grammar; greedy
-decoding repeats frequent words ("The total total is 2/ 2 = 2."). Use it to test serving, never to
+decoding repeats frequent words{example}. Use it to test serving, never to
 answer questions. Held-out content-token accuracy is close to train: it is compute-limited, not
 over-fitted. Two earlier settings failed and are kept out of the defaults: peak lr 3e-3 never left
 the unigram solution, and splitting digits one per token made " " and "0" the most frequent
@@ -104,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--tpf-table", type=Path, default=None, help="markdown table from hack/demo_model_tpf.py")
+    p.add_argument("--sample", default=None, help="a short greedy answer of the model, quoted under Limitations")
     args = p.parse_args(argv)
     table = args.tpf_table.read_text() if args.tpf_table else None
-    (args.folder / "README.md").write_text(render(args.folder, table))
+    (args.folder / "README.md").write_text(render(args.folder, table, args.sample))
     return 0
 
 

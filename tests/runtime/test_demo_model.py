@@ -25,7 +25,7 @@ from dllm_runtime.models import LLaDAModel, load_model
 from dllm_runtime.tokenizer import apply_chat_template, load_tokenizer
 from dllm_runtime.training import data as D
 from dllm_runtime.training import tokenizer as T
-from dllm_runtime.training.objective import MaskedBatch, diffusion_loss, mask_tokens, sample_t
+from dllm_runtime.training.objective import MaskedBatch, certainty_loss, diffusion_loss, mask_tokens, sample_t
 
 ROOT = Path(__file__).resolve().parents[2]
 GSM8K_TRAIN = ROOT / "data" / "gsm8k_train.jsonl"
@@ -212,6 +212,22 @@ def test_diffusion_loss_is_the_weighted_masked_cross_entropy() -> None:
     assert torch.allclose(got, expected)
     with pytest.raises(ValueError, match="masked positions"):
         diffusion_loss(logits[0, :2], target, batch, maskable)
+
+
+def test_certainty_loss_sharpens_only_correct_predictions() -> None:
+    """dParallel's certainty forcing: the entropy of right answers, nothing from wrong ones."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]], requires_grad=True)
+    target = torch.tensor([0, 2, 2])  # rows 0 and 2 are right, row 1 is wrong
+    p = torch.softmax(logits.detach(), -1)
+    entropy = -(p * p.log()).sum(-1)
+    loss = certainty_loss(logits, target)
+    assert torch.allclose(loss, (entropy[0] + entropy[2]) / 2)
+    loss.backward()
+    assert logits.grad[1].abs().max() == 0  # a confident mistake is not rewarded
+    # a gradient step makes the correct rows more confident in their answer
+    sharper = torch.softmax(logits.detach() - 1.0 * logits.grad, -1)
+    assert sharper[0, 0] > p[0, 0] and sharper[2, 2] > p[2, 2]
+    assert certainty_loss(logits.detach(), torch.tensor([1, 0, 0])) == 0  # nothing right: no term
 
 
 def test_tokenizer_builder_and_sft_rows(tmp_path: Path) -> None:
