@@ -5,20 +5,22 @@ Layout of the model call: rows of one length form a plain `(N, T)` batch; rows o
 are *packed* end to end into one `(1, sum T)` row, so projections and MLPs spend nothing on padding
 (vLLM-style varlen batching). Either way attention runs per group of equal-length rows on unpadded
 keys (`ragged_sdpa`), so a row's logits are bit-identical alone or in any batch (per-request
-determinism). Rows that read a block KV cache attend to `cache[:offset] ++ new ++ cache[offset+T:]`,
-exactly the key order of the Fast-dLLM prefix/dual caches, so a batch of one reproduces the
-references bit for bit.
+determinism). On a GPU with flash-attn (fp16/bf16) it is instead one varlen kernel call for every
+row (`use_varlen`): GPU kernels are not batch-invariant anyway. Rows that read a block KV cache
+attend to `cache[:offset] ++ new ++ cache[offset+T:]`, exactly the key order of the Fast-dLLM
+prefix/dual caches, so a batch of one reproduces the references bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import torch
 
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, KVCache, Sequence
-from dllm_runtime.models.attention import KeyMaskAttention, sdpa
+from dllm_runtime.models.attention import KeyMaskAttention, sdpa, varlen_attention, varlen_available
 from dllm_runtime.models.base import AttentionContext, DiffusionModel
 
 
@@ -56,7 +58,10 @@ def ragged_sdpa(
     unpadded tensors: a row's numbers depend only on its own tokens, never on who shares the batch.
     `q` `(B, Hq, T, D)` holds row i's queries at `rows[i].heads`; it attends to `keys[i]`
     `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Unused query slots return 0.
+    Where `use_varlen(q)`, every row goes through one flash-attn varlen call instead (`_varlen_ragged`).
     """
+    if use_varlen(q):
+        return _varlen_ragged(q, rows, keys, values, valids)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (r, k) in enumerate(zip(rows, keys)):
         groups.setdefault((r.length, k.shape[1]), []).append(i)
@@ -82,6 +87,53 @@ def ragged_sdpa(
             r = rows[i]
             out[r.b, :, r.start : r.start + t] = og[j]
     return out
+
+
+def use_varlen(q: torch.Tensor) -> bool:
+    """Whether `ragged_sdpa` runs all rows in one flash-attn varlen call rather than SDPA per group.
+
+    Only where flash-attn can run: installed, CUDA, fp16/bf16. One launch for the whole batch
+    instead of one per distinct length; GPU kernels are not batch-invariant anyway, while the CPU
+    keeps the per-group SDPA that makes a row's logits bit-identical in any batch.
+    """
+    return varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _varlen_ragged(
+    q: torch.Tensor,
+    rows: list[_Row],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    valids: list[torch.Tensor],
+) -> torch.Tensor:
+    """`ragged_sdpa`'s contract in one `varlen_attention` call: every row's queries and non-pad
+    keys packed end to end (dropping a padded key is the same as hiding it with a key mask)."""
+    n_queries = [r.length for r in rows]
+    valid = torch.cat(valids).cpu()  # one device sync: flash-attn takes the longest lengths as ints
+    n_keys = [int(m.sum()) for m in valid.split([k.shape[1] for k in keys])]
+    k = torch.cat([x.transpose(0, 1) for x in keys])  # (sum K_i, Hkv, D)
+    v = torch.cat([x.transpose(0, 1) for x in values])
+    if not bool(valid.all()):
+        keep = valid.nonzero()[:, 0].to(q.device)
+        k, v = k.index_select(0, keep), v.index_select(0, keep)
+    packed = varlen_attention(
+        torch.cat([r.heads(q).transpose(0, 1) for r in rows]),  # (sum T_i, Hq, D)
+        k,
+        v,
+        _cu_seqlens(n_queries, q.device),
+        _cu_seqlens(n_keys, q.device),
+        max(n_queries),
+        max(n_keys),
+    )
+    out = q.new_zeros(q.shape)
+    for r, o in zip(rows, packed.split(n_queries)):
+        r.heads(out).copy_(o.transpose(0, 1))
+    return out
+
+
+def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """flash-attn's cumulative sequence lengths `[0, l0, l0 + l1, ...]` (int32, on `device`)."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 class RaggedAttention:

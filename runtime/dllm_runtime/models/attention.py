@@ -1,4 +1,4 @@
-"""Attention kernels and the two simplest attention contexts (full, key-padding mask)."""
+"""Attention kernels (SDPA, flash-attn varlen) and the two simplest attention contexts (full, key-padding mask)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,42 @@ class KeyMaskAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return sdpa(q, k, v, self.key_valid)
+
+
+def varlen_available() -> bool:
+    """Whether flash-attn's varlen kernel is installed (it runs on CUDA fp16/bf16 tensors only)."""
+    return _flash_attn_varlen_func is not None
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> torch.Tensor:
+    """Bidirectional attention of many sequences packed end to end, in one kernel launch.
+
+    `q` `(sum T_i, Hq, D)` and `k`/`v` `(sum K_i, Hkv, D)` hold sequence i at
+    `cu_seqlens_*[i]:cu_seqlens_*[i + 1]` (int32, on q's device); keys hold no padding, so no mask
+    is needed. GQA (Hkv < Hq) is native. Returns `(sum T_i, Hq, D)`. Needs `varlen_available()`.
+    """
+    if _flash_attn_varlen_func is None:
+        raise RuntimeError("flash-attn is not installed: varlen attention is unavailable")
+    return _flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False
+    )
+
+
+def _load_flash_attn_varlen():  # pragma: no cover - depends on an optional GPU package
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import time
+        return None
+    return flash_attn_varlen_func
+
+
+#: flash-attn's `flash_attn_varlen_func`, or None where flash-attn is missing (CPU machines, tests)
+_flash_attn_varlen_func = _load_flash_attn_varlen()
