@@ -7,7 +7,8 @@ Steps: (1) train a byte-level BPE tokenizer with LLaDA's special tokens and chat
 GSM8K train split; (2) tokenise GSM8K as LLaDA SFT rows (question = user turn, answer = assistant
 turn, `<|eot_id|>`, `<|endoftext|>` padding) mixed with plain pre-training rows; (3) train
 `dllm_runtime.models.LLaDAModel` (the serving class, so tensor names are the released ones) with
-LLaDA's masked-diffusion objective; (4) write a normal LLaDA model folder (config.json,
+LLaDA's masked-diffusion objective, plus dParallel's certainty forcing for the last 300 steps (the
+model becomes sure where it is right, so confidence-threshold decoders commit more per forward); (4) write a normal LLaDA model folder (config.json,
 generation_config.json, model.safetensors, tokenizer files, README.md model card with the measured
 losses). Deterministic for a given seed and thread count (CPU float reductions depend on threads).
 """
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--certainty-weight", type=float, default=3.0, help="weight of dParallel's certainty-forcing term (entropy of correct masked predictions; 0: off)")
+    p.add_argument("--certainty-weight", type=float, default=1.5, help="weight of dParallel's certainty-forcing term (entropy of correct masked predictions; 0: off)")
     p.add_argument("--certainty-from", type=int, default=1900, help="add the certainty term from this step on (the last 300 of 2200: a sharpening phase on the trained model)")
     p.add_argument("--plain-every", type=int, default=4, help="every k-th row is plain pre-training text (0: none)")
     p.add_argument("--extra-eos", type=int, default=32, help="up to this many extra EOS pads per batch")

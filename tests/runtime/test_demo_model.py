@@ -164,12 +164,11 @@ def test_answers_gsm8k_questions_in_real_words(model, tokenizer, train_words: se
 
 
 def test_threshold_decoding_commits_several_tokens_per_forward(model, tokenizer) -> None:
-    """Fast-dLLM's confidence threshold commits more than one token in some forwards.
+    """Fast-dLLM's confidence threshold commits clearly more than one token per forward.
 
-    This model is small and unsure of most content tokens, so at 0.9 the gain comes mostly from the
-    EOS tail and the answer's fixed format (measured 1.13 slots per forward at 0.9 and 1.19 at 0.7 on
-    these 3 prompts at 128 slots, 1.10 / 1.18 on 50 in the model card; the previous 1000-step model
-    gave 1.08 at 0.9); a lower threshold must buy fewer forwards.
+    The training's certainty-forcing phase makes the model sure where it is right (measured 1.38
+    slots per forward at 0.9 and 2.10 at 0.7 on these 3 prompts at 128 slots, 1.39 / 2.20 on 50 in
+    the model card; 1.13 / 1.19 here without that phase); a lower threshold must buy fewer forwards.
     """
     questions = [q.question for q in D.load_gsm8k(GSM8K_TEST, limit=3)]
     slots_per_forward = {}
@@ -178,8 +177,8 @@ def test_threshold_decoding_commits_several_tokens_per_forward(model, tokenizer)
         results = _decode(model, tokenizer, questions, params)
         assert all(r[1] > 0 for r in results), "every prompt gets a non-empty answer"
         slots_per_forward[threshold] = params.generation_slots() * len(questions) / sum(r[2] for r in results)
-    assert slots_per_forward[0.9] > 1.08, slots_per_forward
-    assert slots_per_forward[0.7] > slots_per_forward[0.9] * 1.03, slots_per_forward
+    assert slots_per_forward[0.9] > 1.25, slots_per_forward
+    assert slots_per_forward[0.7] > slots_per_forward[0.9] * 1.2, slots_per_forward
 
 
 # ---------------------------------------------------------------------------- training code
