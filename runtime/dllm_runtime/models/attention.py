@@ -58,13 +58,13 @@ def varlen_attention(
     )
 
 
-def _load_flash_attn_varlen():  # pragma: no cover - depends on an optional GPU package
+def load_flash_attn(name: str):  # pragma: no cover - depends on an optional GPU package
+    """A function of the optional flash-attn package, or None where it is missing (CPU machines, tests)."""
     try:
-        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+        import flash_attn  # type: ignore[import-not-found]
     except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import time
         return None
-    return flash_attn_varlen_func
+    return getattr(flash_attn, name, None)
 
 
-#: flash-attn's `flash_attn_varlen_func`, or None where flash-attn is missing (CPU machines, tests)
-_flash_attn_varlen_func = _load_flash_attn_varlen()
+_flash_attn_varlen_func = load_flash_attn("flash_attn_varlen_func")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm_runtime.models.attention import sdpa
+from dllm_runtime.models.attention import load_flash_attn, sdpa
 from dllm_runtime.models.base import AttentionContext, DiffusionModel, SpecialIds
 
 
@@ -192,12 +192,4 @@ class NativeModel(DiffusionModel):
         return F.linear(norm(x), head)
 
 
-def _load_flash_attn():  # pragma: no cover - depends on an optional GPU package
-    try:
-        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-    except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import time
-        return None
-    return flash_attn_func
-
-
-_flash_attn_func = _load_flash_attn()
+_flash_attn_func = load_flash_attn("flash_attn_func")
