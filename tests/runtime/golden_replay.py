@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dllm_runtime.decoding.base import RandomSource, Sequence
+from dllm_runtime.decoding.base import ForwardSpec, RandomSource, Sequence
 from dllm_runtime.decoding.registry import policy_from_reference
 from dllm_runtime.engine.step import run_to_completion
 from dllm_runtime.models.base import DiffusionModel, SpecialIds, select_logits
@@ -109,6 +109,27 @@ def new_seq(prompt: list[int], slots: int, seed: int | None = 0) -> Sequence:
     """One unpadded sequence `prompt | MASK * slots` with the golden special ids and its own seed."""
     canvas = torch.tensor([prompt + [TINY_SPECIAL.mask] * slots])
     return Sequence(canvas=canvas, prompt_len=len(prompt), special=TINY_SPECIAL, rng=RandomSource(seed))
+
+
+def random_spec(
+    model: DiffusionModel,
+    gen: torch.Generator,
+    length: int,
+    rows: int = 1,
+    left_pad: int = 0,
+    logits_at: list[int] | None = None,
+) -> tuple[Sequence, ForwardSpec]:
+    """A planned forward of random ids for step-loop tests: `rows` rows of `length` tokens, the first
+    `left_pad` of them padding, and logits wanted at `logits_at` (None: everywhere)."""
+    ids = torch.randint(0, 248, (rows, length), generator=gen)
+    valid = torch.ones(rows, length, dtype=torch.bool)
+    valid[:, :left_pad] = False
+    at = None
+    if logits_at is not None:
+        at = torch.zeros(length, dtype=torch.bool)
+        at[logits_at] = True
+    seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
+    return seq, ForwardSpec(ids, model.position_ids(valid), valid if left_pad else None, logits_at=at)
 
 
 def build_sequences(case: dict[str, Any], special: SpecialIds, gen_length: int) -> list[Sequence]:

@@ -154,9 +154,9 @@ def test_batched_forward_logits_do_not_depend_on_the_batch(model_name: str, thre
     """
     import torch
 
-    from dllm_runtime.decoding.base import ForwardSpec, RandomSource, Sequence
+    from dllm_runtime.decoding.base import ForwardSpec, Sequence
     from dllm_runtime.engine.step import batched_forward
-    from tests.runtime.golden_replay import tiny_model
+    from tests.runtime.golden_replay import random_spec, tiny_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -165,11 +165,7 @@ def test_batched_forward_logits_do_not_depend_on_the_batch(model_name: str, thre
         gen = torch.Generator().manual_seed(0)
 
         def spec(length: int, rows: int = 1, left_pad: int = 0) -> tuple[Sequence, ForwardSpec]:
-            ids = torch.randint(0, 248, (rows, length), generator=gen)
-            valid = torch.ones(rows, length, dtype=torch.bool)
-            valid[:, :left_pad] = False
-            seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
-            return seq, ForwardSpec(ids, model.position_ids(valid), valid if left_pad else None)
+            return random_spec(model, gen, length, rows, left_pad)
 
         mixed = [spec(5), spec(9), spec(17, rows=2), spec(30, left_pad=3), spec(40), spec(9)]
         same = [spec(12), spec(12, rows=2), spec(12)]
@@ -193,9 +189,9 @@ def test_logits_at_selects_exactly_the_full_heads_rows(min_tokens: int, threads:
     """
     import torch
 
-    from dllm_runtime.decoding.base import ForwardSpec, RandomSource, Sequence
+    from dllm_runtime.decoding.base import ForwardSpec, Sequence
     from dllm_runtime.engine.step import batched_forward
-    from tests.runtime.golden_replay import tiny_model
+    from tests.runtime.golden_replay import random_spec, tiny_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -204,14 +200,7 @@ def test_logits_at_selects_exactly_the_full_heads_rows(min_tokens: int, threads:
         gen = torch.Generator().manual_seed(1)
 
         def spec(length: int, picks: list[int] | None, rows: int = 1) -> tuple[Sequence, ForwardSpec]:
-            ids = torch.randint(0, 248, (rows, length), generator=gen)
-            pos = model.position_ids(torch.ones(rows, length, dtype=torch.bool))
-            at = None
-            if picks is not None:
-                at = torch.zeros(length, dtype=torch.bool)
-                at[picks] = True
-            seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
-            return seq, ForwardSpec(ids, pos, logits_at=at)
+            return random_spec(model, gen, length, rows, logits_at=picks)
 
         work = [spec(24, [23]), spec(40, list(range(8, 16))), spec(17, None), spec(24, [0, 5], rows=2), spec(24, [])]
         full = [batched_forward(model, [(s, ForwardSpec(f.input_ids, f.positions))], min_tokens)[0] for s, f in work]

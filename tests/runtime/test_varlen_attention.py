@@ -24,7 +24,7 @@ from dllm_runtime.decoding.registry import build_policy
 from dllm_runtime.engine import step
 from dllm_runtime.engine.step import _Row, batched_forward, ragged_sdpa, run_to_completion
 from dllm_runtime.models import attention
-from tests.runtime.golden_replay import one_thread, tiny_model  # noqa: F401 (fixture)
+from tests.runtime.golden_replay import one_thread, random_spec, tiny_model  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,11 +98,7 @@ def test_packed_batch_logits_match_sdpa(varlen, model_name: str) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def spec(length: int, rows: int = 1, left_pad: int = 0) -> tuple[Sequence, ForwardSpec]:
-        ids = torch.randint(0, 248, (rows, length), generator=gen)
-        valid = torch.ones(rows, length, dtype=torch.bool)
-        valid[:, :left_pad] = False
-        seq = Sequence(canvas=ids[:1], prompt_len=length, special=model.special_ids, rng=RandomSource(0))
-        return seq, ForwardSpec(ids, model.position_ids(valid), valid if left_pad else None)
+        return random_spec(model, gen, length, rows, left_pad)
 
     work = [spec(5), spec(9), spec(17, rows=2), spec(30, left_pad=3), spec(40), spec(9)]
     with torch.inference_mode():
