@@ -161,7 +161,9 @@ def test_threshold_comparison_llada_le_dream_lt() -> None:
         policy = D3LLMBlockwisePolicy(settings, variant, llada_position_ids)
         seq = _seq(p, gen)
         policy.init(seq)
-        policy.commit(seq, logits.clone())
+        spec = policy.plan(seq)
+        assert spec is not None and spec.logits_at is not None
+        policy.commit(seq, logits[:, spec.logits_at].clone())
         assert int((seq.canvas[0, p:] != MASK).sum()) == expected, variant
 
 
@@ -277,6 +279,36 @@ def test_serving_params_reproduce_the_reference(name: str) -> None:
     run_to_completion(model, [(seq, build_policy(params, model))])
     assert seq.canvas.tolist() == case["output"]
     assert seq.state["reference_nfe"] == case["nfe"]
+
+
+@pytest.mark.parametrize(("variant", "temperature"), [("llada", 0.0), ("llada", 0.7), ("dream", 0.0), ("dream", 0.7)])
+def test_head_runs_only_on_the_rows_that_predict_eligible_slots(variant: str, temperature: float) -> None:
+    """Multi-block asks for the rows predicting its eligible slots (p-1 under Dream's shift), except
+    Dream at T > 0, which samples every position; a full head sliced to those rows gives the same
+    tokens as the step loop's selective head."""
+    model = tiny_model("llada_tiny" if variant == "llada" else "dream_tiny")
+    policy = D3LLMMultiBlockPolicy(D3LLMSettings(threshold=0.5, block_length=8, temperature=temperature),
+                                   variant, model.position_ids)
+    by_hand = _seq(4, 16)
+    by_hand.rng = RandomSource(3)
+    policy.init(by_hand)
+    shift = int(variant == "dream")
+    while (spec := policy.plan(by_hand)) is not None:
+        eligible = by_hand.state["multi_block"].eligible[0].nonzero().squeeze(1)
+        with torch.no_grad():
+            logits = model(spec.input_ids, spec.positions)
+        if variant == "dream" and temperature > 0:
+            assert spec.logits_at is None
+        else:
+            assert spec.logits_at is not None
+            assert spec.logits_at.nonzero().squeeze(1).tolist() == (eligible - shift).tolist()
+            logits = logits[:, spec.logits_at]
+        policy.commit(by_hand, logits)
+    stepped = _seq(4, 16)
+    stepped.rng = RandomSource(3)
+    run_to_completion(model, [(stepped, policy)])
+    assert torch.equal(by_hand.canvas, stepped.canvas)
+    assert not (stepped.canvas == MASK).any()
 
 
 @pytest.mark.parametrize("variant", ["llada", "dream"])

@@ -81,6 +81,25 @@ def test_batch_independence_of_seeded_sampling() -> None:
     assert not (a.canvas == TINY_SPECIAL.mask).any()
 
 
+def test_head_runs_only_on_the_rows_that_predict_masked_slots() -> None:
+    """Each step asks for row p-1 of every masked slot p (Dream's shift), not the whole canvas, and
+    decoding from the full head's logits at those rows gives the step loop's (selective head) tokens."""
+    model = tiny_model("dream_tiny")
+    policy = DreamPolicy(DreamSettings(steps=8, alg="entropy"), model.position_ids)
+    by_hand = new_seq([248, 17, 99, 3], 16)
+    policy.init(by_hand)
+    while (spec := policy.plan(by_hand)) is not None:
+        masked = (by_hand.canvas[0] == TINY_SPECIAL.mask).nonzero().squeeze(1)
+        assert spec.logits_at is not None
+        assert spec.logits_at.nonzero().squeeze(1).tolist() == (masked - 1).tolist()
+        with torch.no_grad():
+            policy.commit(by_hand, model(spec.input_ids, spec.positions)[:, spec.logits_at])
+    stepped = new_seq([248, 17, 99, 3], 16)
+    run_to_completion(model, [(stepped, policy)])
+    assert torch.equal(by_hand.canvas, stepped.canvas)
+    assert not (stepped.canvas == TINY_SPECIAL.mask).any()
+
+
 def test_build_policy_from_params_serves_dream() -> None:
     model = tiny_model("dream_tiny")
     params = DecodingParams(algorithm="dream", max_tokens=16, steps=8, alg="maskgit_plus", threshold=None)

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.dream import (
     reject_unused,
+    rows_wanted,
     shift_right,
-    source_rows,
+    slot_logits,
 )
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
-from dllm_runtime.decoding.primitives import gumbel
+from dllm_runtime.decoding.primitives import gumbel_argmax
 from dllm_runtime.decoding.registry import ReferenceDecoder, ReferenceFactory, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 from dllm_runtime.models.dream import dream_position_ids
@@ -122,27 +123,36 @@ class D3LLMBlockwisePolicy(_D3LLMPolicy):
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         if seq.state["block"] >= seq.state["num_blocks"]:
             return None
-        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid)
+        wanted = _rows_wanted(seq, self._eligible(seq), self.variant)
+        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=wanted)
+
+    def _eligible(self, seq: Sequence) -> torch.Tensor:
+        """`(1, L)` bool: the masked slots of the current block and before it."""
+        _, hi = block_span(seq, self.settings.block_length)
+        eligible = seq.canvas == seq.special.mask
+        eligible[:, hi:] = False
+        return eligible
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """`logits` `(R, n, V)` at the rows `plan` asked for (the canvas has not changed since)."""
         lo, hi = block_span(seq, self.settings.block_length)
         x = seq.canvas
-        eligible = x == seq.special.mask
-        eligible[:, hi:] = False
+        eligible = self._eligible(seq)
+        wanted = _rows_wanted(seq, eligible, self.variant)
         if self.variant == "llada":
-            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, self.settings)
+            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, wanted, self.settings)
         else:
-            x0, transfer = self._dream_transfer(seq, logits, eligible, lo, hi)
+            x0, transfer = self._dream_transfer(seq, logits, eligible, wanted, lo, hi)
         x[transfer] = x0[transfer]
         if not bool((x[:, lo:hi] == seq.special.mask).any()):
             seq.state["block"] += 1
 
     def _dream_transfer(
-        self, seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, lo: int, hi: int
+        self, seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, wanted: torch.Tensor, lo: int, hi: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dream `_sample` on raw logits: entropy in the logits' dtype over the eligible rows, strict `<`."""
         cfg, x, mask_id = self.settings, seq.canvas, seq.special.mask
-        rows = logits[0, source_rows(eligible[0].nonzero().squeeze(1), shift=True)]
+        rows = slot_logits(logits, eligible[0].nonzero().squeeze(1), True, wanted)
         probs = torch.softmax(rows, dim=-1)
         entropy = -torch.sum(probs * torch.log(probs + 1e-8), dim=-1)
         if cfg.temperature == 0:
@@ -163,26 +173,30 @@ class D3LLMBlockwisePolicy(_D3LLMPolicy):
         return x0, transfer
 
 
+def _rows_wanted(seq: Sequence, eligible: torch.Tensor, variant: str) -> torch.Tensor:
+    """`ForwardSpec.logits_at`: the rows that predict the eligible slots (shifted for Dream)."""
+    return rows_wanted(eligible[0].nonzero().squeeze(1), seq.length, shift=variant == "dream")
+
+
 def _llada_entropy_transfer(
-    seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, cfg: D3LLMSettings
+    seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, wanted: torch.Tensor, cfg: D3LLMSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d3LLM-LLaDA `get_transfer_index_entropy` with a threshold (B = 1).
 
     The reference computes argmax and float64 entropy over the whole canvas; only the eligible
-    slots are ever read, so only they are computed (a full `(L, V)` float64 softmax would cost GBs
-    for a 150k vocabulary). RNG order is kept: the Gumbel draw (T > 0, full shape, as the reference
-    draws it) first, then the `random` remasking uniforms `(1, L)`.
+    slots are ever read, so only their logits are computed (`wanted`; a full `(L, V)` float64
+    softmax would cost GBs for a 150k vocabulary). RNG order is kept: the Gumbel draw (T > 0, full
+    `(1, L, V)` shape, as the reference draws it) first, then the `random` remasking uniforms `(1, L)`.
     """
     x = seq.canvas
     slots = eligible[0].nonzero().squeeze(1)
+    selected = slot_logits(logits, slots, False, wanted)
     x0 = x.clone()
-    if cfg.temperature > 0:
-        x0[0, slots] = torch.argmax(gumbel(logits, cfg.temperature, seq.rng)[0, slots], dim=-1)
-    else:
-        x0[0, slots] = torch.argmax(logits[0, slots], dim=-1)
+    full_shape = (1, x.shape[1], selected.shape[-1])
+    x0[0, slots] = gumbel_argmax(selected, cfg.temperature, seq.rng, full_shape, eligible)
     if cfg.remasking == "low_confidence":
         entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
-        entropy[0, slots] = entropy_f64(logits[0, slots])
+        entropy[0, slots] = entropy_f64(selected)
     else:
         entropy = seq.rng.rand(tuple(x.shape), torch.float32, x.device)
     for_selection = torch.where(eligible, entropy, torch.inf)
@@ -218,6 +232,8 @@ class _MultiBlockState:
     done: bool = False
     #: eligible masks of the pending forward (`mask_index_for_decode`)
     eligible: torch.Tensor | None = None
+    #: its `ForwardSpec.logits_at` (None: every row)
+    wanted: torch.Tensor | None = None
     history: list[int] = field(default_factory=list)
 
     @property
@@ -294,7 +310,10 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
         eligible = masked.clone()
         eligible[:, st.blocks[rightmost].end :] = False
         st.eligible = eligible
-        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid)
+        # Dream at T > 0 samples every position (one `multinomial (L, 1)`), so it needs every row
+        full = self.variant == "dream" and cfg.temperature > 0
+        st.wanted = None if full else _rows_wanted(seq, eligible, self.variant)
+        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=st.wanted)
 
     def _early_stop(self, seq: Sequence, st: _MultiBlockState) -> bool:
         """`handle_early_stop` + the block bookkeeping that follows it; True when an EOS was found."""
@@ -331,18 +350,19 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
 
     # -------------------------------------------------------------- after the forward
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """`logits` `(R, n, V)` at the rows `plan` asked for (`st.wanted`), or `(R, L, V)` when None."""
         cfg = self.settings
         st: _MultiBlockState = seq.state["multi_block"]
-        x, eligible = seq.canvas, st.eligible
+        x, eligible, wanted = seq.canvas, st.eligible, st.wanted
         assert eligible is not None, "commit without a planned forward"
         if self.variant == "llada":
-            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, cfg)
+            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, wanted, cfg)
         else:
             # float64 entropy and argmax only where a slot can be committed (the reference computes
             # them for the whole canvas); at T > 0 every position is sampled, as the reference's one
             # `multinomial (L, 1)` draw does, so the RNG stream stays the same
             slots = eligible[0].nonzero().squeeze(1)
-            rows = logits[0, source_rows(slots, shift=True)]  # == shift_right(logits)[0, slots]
+            rows = slot_logits(logits, slots, True, wanted)  # == shift_right(logits)[0, slots]
             entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
             entropy[0, slots] = entropy_f64(rows)
             if cfg.temperature > 0:
@@ -355,16 +375,18 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
 
         forced = next((b for b in st.blocks[1:] if b.active and b.mask_count > 0), None)
         if forced is not None and not bool(transfer[:, forced.start : forced.end].any()):
-            window = eligible[0, forced.start : forced.end]
-            if bool(window.any()):  # guard: stale counts would otherwise force a committed slot
+            window = forced.start + eligible[0, forced.start : forced.end].nonzero().squeeze(1)
+            if window.numel():  # guard: stale counts would otherwise force a committed slot
                 if self.variant == "llada":
-                    block_entropy = entropy_f64(logits[:, forced.start : forced.end])[0]
+                    window_logits = slot_logits(logits, window, False, wanted)
+                    block_entropy = entropy_f64(window_logits)
                 else:
-                    block_entropy = entropy[0, forced.start : forced.end]
-                best = forced.start + int(torch.where(window, block_entropy, torch.inf).argmin())
+                    block_entropy = entropy[0, window]
+                pick = int(block_entropy.argmin())  # first of equals, as argmin over the masked block
+                best = int(window[pick])
                 transfer[0, best] = True
                 if self.variant == "llada":  # LLaDA re-picks the raw argmax; Dream keeps x0
-                    x0[0, best] = torch.argmax(logits[0, best], dim=-1)
+                    x0[0, best] = torch.argmax(window_logits[pick], dim=-1)
 
         x[transfer] = x0[transfer]
         for block in st.blocks[1:]:
@@ -372,7 +394,7 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
                 decoded = int(transfer[:, block.start : block.end].sum())
                 block.mask_count -= decoded
         st.history.append(int(transfer.sum()))
-        st.eligible = None
+        st.eligible = st.wanted = None
 
 
 # ---------------------------------------------------------------------------------- registration

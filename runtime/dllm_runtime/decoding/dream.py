@@ -1,8 +1,9 @@
 """Dream `diffusion_generate` (Dream-org/Dream-v0-Instruct-7B `generation_utils.py`) as a policy.
 
-One forward per step over the full canvas; the raw logits are shifted right by one (position p is
-predicted from the hidden state at p-1, Dream's AR initialisation) and then one of four rules picks
-which masked slots to commit (ALGORITHMS.md §1.3):
+One forward per step over the full canvas, with the LM head only on the rows that predict a masked
+slot; the raw logits are shifted right by one (position p is predicted from the hidden state at p-1,
+Dream's AR initialisation) and then one of four rules picks which masked slots to commit
+(ALGORITHMS.md §1.3):
 
 * `origin`       - every masked slot flips a float32 coin with probability `1 - s/t` and, if it
                    comes up, is sampled; the last step commits everything.
@@ -94,6 +95,29 @@ def source_rows(slots: torch.Tensor, shift: bool) -> torch.Tensor:
     return (slots - 1).clamp_min(0) if shift else slots
 
 
+def rows_wanted(slots: torch.Tensor, length: int, shift: bool) -> torch.Tensor:
+    """`ForwardSpec.logits_at` `(length,)` for reading canvas `slots`: the rows that predict them.
+
+    Dream-family models predict slot p from row p-1, so a step needs the head on those rows only,
+    not on the whole canvas (a 150k vocabulary makes full-canvas logits GBs at batch 32).
+    """
+    wanted = torch.zeros(length, dtype=torch.bool, device=slots.device)
+    wanted[source_rows(slots, shift)] = True
+    return wanted
+
+
+def slot_logits(logits: torch.Tensor, slots: torch.Tensor, shift: bool, wanted: torch.Tensor | None) -> torch.Tensor:
+    """`(n, V)`: the first row's prediction for each of `slots` (1-D, ascending).
+
+    `logits` is the forward's output for `wanted` (`(R, wanted.sum(), V)`, rows in window order),
+    or the whole window's `(R, T, V)` when `wanted` is None.
+    """
+    rows = source_rows(slots, shift)
+    if wanted is not None:
+        rows = wanted.cumsum(0)[rows] - 1  # position of each row among the computed ones
+    return logits[0, rows]
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filter: drop tokens whose cumulative probability (sorted desc) exceeds `top_p`.
 
@@ -176,17 +200,24 @@ class DreamPolicy(DecodingPolicy):
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         if seq.state["step"] >= self.settings.steps:
             return None
-        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid)
+        wanted = rows_wanted(self._masked_slots(seq), seq.length, self.shift_logits)
+        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=wanted)
+
+    def _masked_slots(self, seq: Sequence) -> torch.Tensor:
+        return (seq.canvas[0] == seq.special.mask).nonzero().squeeze(1)
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """`logits` `(R, n, V)` at the rows `plan` asked for (`ForwardSpec.logits_at`)."""
         cfg = self.settings
         i = seq.state["step"]
         x = seq.canvas
         mask_id = seq.special.mask
         masked = x == mask_id
         before = int(masked.sum())
-        # == shift_right(logits)[masked] (B = 1: row-major order is ascending slot order)
-        mask_logits = logits[0, source_rows(masked[0].nonzero().squeeze(1), self.shift_logits)]
+        # == shift_right(logits)[masked] (B = 1: row-major order is ascending slot order); the canvas
+        # has not changed since `plan`
+        slots = self._masked_slots(seq)
+        mask_logits = slot_logits(logits, slots, self.shift_logits, rows_wanted(slots, seq.length, self.shift_logits))
         t, s = seq.state["timesteps"][i], seq.state["timesteps"][i + 1]
         last = i == cfg.steps - 1
 
