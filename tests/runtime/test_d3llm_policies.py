@@ -177,6 +177,9 @@ def test_build_policy_serves_both_variants() -> None:
         run_to_completion(model, [(seq, policy)])
         assert not (seq.canvas == MASK).any()
         assert 1 <= seq.nfe <= 16
+    cached = build_policy(params.replace(cache="prefix", cache_delay_iter=1, cache_refresh_interval=4), model)
+    assert (cached.settings.cache_delay_iter, cached.settings.refresh_interval) == (1, 4)
+    assert build_policy(params.replace(cache_delay_iter=1), model).settings.cache_delay_iter is None
 
 
 @pytest.mark.parametrize(
@@ -331,3 +334,88 @@ def test_blockwise_commits_block_by_block(variant: str) -> None:
     assert seq.nfe == gen and all(len(c) == 1 for c in committed)
     blocks = [(c[0] - p) // bl for c in committed]
     assert blocks == sorted(blocks) == [0] * bl + [1] * bl
+
+
+class LeftmostModel(DiffusionModel):
+    """Predicts, with near-zero entropy, token `10 + position` for the first masked slot of each
+    window and flat logits elsewhere: every d3LLM forward commits exactly that one slot, and a
+    window whose logits land on the wrong rows shows up as a wrong token."""
+
+    def __init__(self, shift: bool, vocab: int = 256) -> None:
+        torch.nn.Module.__init__(self)
+        self.special_ids = TINY_SPECIAL
+        self.shift_logits = shift
+        self.num_layers = 1
+        self.vocab_size = vocab
+        self.proj = torch.nn.Linear(1, 1)  # parameters: the engine reads device and dtype from them
+
+    def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
+        return llada_position_ids(valid)
+
+    def forward(self, input_ids, positions, attention=None, logits_index=None):  # type: ignore[override]
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        for row in range(input_ids.shape[0]):
+            masked = (input_ids[row] == MASK).nonzero()
+            if masked.numel():
+                slot = int(masked[0, 0])
+                logits[row, slot - int(self.shift_logits), 10 + int(positions[row, slot])] = 40.0
+        if attention is not None:  # the step loop's cache bookkeeping runs inside attention
+            q = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 2)
+            attention.attend(0, q, q, q)
+        return select_logits(logits, logits_index)
+
+
+def _decode_recording_windows(
+    settings: D3LLMSettings, variant: str, p: int = 4, gen: int = 16
+) -> tuple[list[int], list[tuple[int, bool, bool]]]:
+    """Decode with `LeftmostModel`: the answer and each forward's `(offset, use_cache, store_cache)`."""
+    windows: list[tuple[int, bool, bool]] = []
+
+    class Recording(D3LLMMultiBlockPolicy):
+        def plan(self, seq: Sequence):
+            spec = super().plan(seq)
+            if spec is not None:
+                windows.append((spec.offset, spec.use_cache, spec.store_cache))
+            return spec
+
+    seq = _seq(p, gen)
+    run_to_completion(LeftmostModel(shift=variant == "dream"), [(seq, Recording(settings, variant, llada_position_ids))])
+    assert seq.nfe == gen  # one committed slot per forward
+    return seq.canvas[0, p:].tolist(), windows
+
+
+@pytest.mark.parametrize("variant", ["llada", "dream"])
+def test_delayed_cache_follows_d3llm_schedule(variant: str) -> None:
+    """d3LLM's delayed cache (`cache_delay_iter=2`), one committed slot per forward: the prompt is
+    cached 2 forwards after the start, block 1 2 forwards after it is decoded, full refresh forwards
+    while it stabilises, and cached forwards run from the cache end (one row earlier for Dream's
+    shifted logits). The answer equals the uncached run's."""
+    p, gen, shift = 4, 16, int(variant == "dream")
+    uncached, _ = _decode_recording_windows(D3LLMSettings(threshold=0.5, block_length=8), variant, p, gen)
+    cached, windows = _decode_recording_windows(
+        D3LLMSettings(threshold=0.5, block_length=8, cache_delay_iter=2), variant, p, gen
+    )
+    assert uncached == cached == [10 + p + i for i in range(gen)]
+    full, stored = (0, False, False), (0, False, True)
+    assert windows == (
+        [full, full, stored]  # forwards 1-2: the prompt stabilises; 3: it enters the cache
+        + [(p - shift, True, False)] * 5  # 4-8: read the cached prompt while block 1 decodes
+        + [stored, stored]  # 9-10: block 1 decoded, stabilising: full forwards refresh the prompt's K/V
+        + [(p - shift, True, True)]  # 11: block 1 joins the cache
+        + [(p + 8 - shift, True, False)] * 5  # 12-16: block 2 reads prompt + block 1 from the cache
+    )
+
+
+def test_delayed_cache_periodic_refresh() -> None:
+    """`cache_delay_iter=0` caches a block as soon as it is decoded; `refresh_interval=3` makes every
+    third forward a full one that rewrites the cached prefix, unless that forward grows the cache."""
+    settings = D3LLMSettings(threshold=0.5, block_length=8, cache_delay_iter=0, refresh_interval=3)
+    answer, windows = _decode_recording_windows(settings, "llada")
+    assert answer == [10 + 4 + i for i in range(16)]
+    refresh, on_prompt, on_block1 = (0, False, True), (4, True, False), (12, True, False)
+    assert windows == [
+        refresh,  # 1: the prompt joins the cache at once (a storing full forward: no cache yet)
+        on_prompt, refresh, on_prompt, on_prompt, refresh, on_prompt, on_prompt,  # 2-8: refresh at 3, 6
+        (4, True, True),  # 9: block 1 decoded at 8 joins the cache (growing wins over the refresh)
+        on_block1, on_block1, refresh, on_block1, on_block1, refresh, on_block1,  # 10-16: refresh at 12, 15
+    ]

@@ -111,6 +111,7 @@ LLADA_MIX = [
     ("dual", "def f(a, b):", dict(algorithm="fast_dllm", max_tokens=24, block_length=8, factor=1.0, cache="dual")),
     ("fast_t", "Q: 2+2? A:", dict(algorithm="fast_dllm", max_tokens=20, block_length=8, threshold=0.9, temperature=0.7, seed=3)),
     ("d3llm", "Tell me", dict(algorithm="d3llm", max_tokens=32, block_length=8, threshold=0.5)),
+    ("d3cache", "Cache it", dict(algorithm="d3llm", max_tokens=32, block_length=8, threshold=0.5, cache="prefix", cache_delay_iter=1)),
 ]
 DREAM_MIX = [
     ("entropy", "Hello", dict(algorithm="dream", alg="entropy", max_tokens=16, steps=8)),
@@ -118,6 +119,7 @@ DREAM_MIX = [
     ("margin", "ok", dict(algorithm="dream", alg="topk_margin", max_tokens=8, steps=8)),
     ("origin", "sample me", dict(algorithm="dream", alg="origin", max_tokens=16, steps=16, temperature=0.5, top_p=0.9, seed=2)),
     ("d3dream", "Dream d3", dict(algorithm="d3llm", max_tokens=24, block_length=8, threshold=0.5)),
+    ("d3cache", "Dream cached", dict(algorithm="d3llm", max_tokens=24, block_length=8, threshold=0.5, cache="prefix", cache_delay_iter=0, temperature=0.6, seed=4)),
 ]
 
 

@@ -204,6 +204,8 @@ BAD_INPUTS = [
     ("steps-zero", C, {"prompt": "a", "steps": 0}, 400, "steps"),
     ("unknown-algorithm", C, {"prompt": "a", "algorithm": "nope"}, 400, "algorithm"),
     ("cache-needs-fast-dllm", C, {"prompt": "a", "algorithm": "llada", "cache": "dual"}, 400, "cache"),
+    ("d3llm-has-no-dual-cache", C, {"prompt": "a", "algorithm": "d3llm", "cache": "dual"}, 400, "cache"),
+    ("cache-delay-type", C, {"prompt": "a", "cache_delay_iter": "two"}, 400, "cache_delay_iter"),
     ("threshold-out-of-range", C, {"prompt": "a", "threshold": 1.5}, 400, "threshold"),
     ("n-zero", C, {"prompt": "a", "n": 0}, 400, "n"),
     ("n-over-limit", C, {"prompt": "a", "n": 5}, 400, "n"),

@@ -27,7 +27,8 @@ _DECODING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--threshold", "threshold", float, "Fast-dLLM confidence threshold / d3LLM entropy bound "
      "(d3LLM recommends 0.5)"),
     ("--factor", "factor", float, "Fast-dLLM factor rule (takes precedence over --threshold)"),
-    ("--cache", "cache", str, "Fast-dLLM block KV cache: none | prefix | dual"),
+    ("--cache", "cache", str, "block KV cache: none | prefix | dual (Fast-dLLM); none | prefix (d3LLM's delayed "
+     "cache)"),
     ("--temperature", "temperature", float, "sampling temperature (0 = greedy)"),
     ("--top-p", "top_p", float, "nucleus sampling mass (Dream)"),
     ("--top-k", "top_k", int, "top-k filter (Dream; 0 = off)"),
@@ -39,6 +40,10 @@ _DECODING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--block-add-threshold", "block_add_threshold", float, "d3LLM: last block's progress that opens the next"),
     ("--decoded-token-threshold", "decoded_token_threshold", float,
      "d3LLM: predecessor's progress that fully activates a block"),
+    ("--cache-delay-iter", "cache_delay_iter", int, "d3LLM delayed cache: forwards a decoded block waits "
+     "before it is cached (default 2)"),
+    ("--cache-refresh-interval", "cache_refresh_interval", int, "d3LLM delayed cache: refresh the cached "
+     "prefix every N forwards (default: never)"),
     ("--seed", "seed", int, "per-request seed (default: random); makes sampling reproducible"),
 )
 

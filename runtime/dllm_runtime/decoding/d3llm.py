@@ -62,6 +62,11 @@ class D3LLMSettings:
     max_iterations: int = 10000
     #: steps must split evenly over the blocks (reference check), otherwise unused
     steps: int | None = None
+    #: multi-block only: d3LLM's delayed prefix KV cache; a decoded block enters the cache this many
+    #: forwards after it is complete. None = no cache (a full forward every iteration)
+    cache_delay_iter: int | None = None
+    #: with the cache: every this many forwards a full forward refreshes the cached prefix (None: never)
+    refresh_interval: int | None = None
 
     def validate(self) -> D3LLMSettings:
         if not 0 < self.threshold:
@@ -77,6 +82,10 @@ class D3LLMSettings:
         check_remasking(self.remasking)
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations: must be >= 1, got {self.max_iterations!r}")
+        if self.cache_delay_iter is not None and self.cache_delay_iter < 0:
+            raise ValueError(f"cache_delay_iter: must be >= 0, got {self.cache_delay_iter!r}")
+        if self.refresh_interval is not None and self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval: must be >= 1, got {self.refresh_interval!r}")
         return self
 
 
@@ -179,7 +188,12 @@ def _rows_wanted(seq: Sequence, eligible: torch.Tensor, variant: str) -> torch.T
 
 
 def _llada_entropy_transfer(
-    seq: Sequence, logits: torch.Tensor, eligible: torch.Tensor, wanted: torch.Tensor, cfg: D3LLMSettings
+    seq: Sequence,
+    logits: torch.Tensor,
+    eligible: torch.Tensor,
+    wanted: torch.Tensor | None,
+    cfg: D3LLMSettings,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d3LLM-LLaDA `get_transfer_index_entropy` with a threshold (B = 1).
 
@@ -190,7 +204,7 @@ def _llada_entropy_transfer(
     """
     x = seq.canvas
     slots = eligible[0].nonzero().squeeze(1)
-    selected = slot_logits(logits, slots, False, wanted)
+    selected = slot_logits(logits, slots, False, wanted, window)
     x0 = x.clone()
     full_shape = (1, x.shape[1], selected.shape[-1])
     x0[0, slots] = gumbel_argmax(selected, cfg.temperature, seq.rng, full_shape, eligible)
@@ -219,6 +233,10 @@ class _Block:
     total: int
     #: the reference's `is_complete`, which means "fully activated", not "decoded"
     active: bool
+    #: delayed cache: the forward count at which the block was first seen without masks
+    completed_at: int | None = None
+    #: delayed cache: in the cache (or, for the early-stop EOS tail, never to be put there)
+    cached: bool = False
 
     def progress(self) -> float:
         return 1 - self.mask_count / self.total
@@ -234,6 +252,12 @@ class _MultiBlockState:
     eligible: torch.Tensor | None = None
     #: its `ForwardSpec.logits_at` (None: every row)
     wanted: torch.Tensor | None = None
+    #: first canvas position of the pending forward's window (> 0 only when it reads the cache)
+    window: int = 0
+    #: delayed cache: canvas `[0, cache_len)` has frozen K/V in `seq.kv`; `grow_to` is what the
+    #: pending forward adds to it
+    cache_len: int = 0
+    grow_to: int = 0
     history: list[int] = field(default_factory=list)
 
     @property
@@ -307,13 +331,69 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
         if rightmost == 0:
             self._stop(seq, st)
             return None
+        active_end = st.blocks[rightmost].end
+        use_cache = store_cache = False
+        lo = 0
+        if cfg.cache_delay_iter is not None:
+            if st.cache_len >= active_end:  # the reference's "no block needs forwarding" exit
+                self._stop(seq, st)
+                return None
+            lo, use_cache, store_cache = self._plan_cache(st)
         eligible = masked.clone()
-        eligible[:, st.blocks[rightmost].end :] = False
+        eligible[:, active_end:] = False
+        eligible[:, :lo] = False  # cached positions have no logits (and hold no masks)
         st.eligible = eligible
+        shift = int(self.variant == "dream")
+        # Dream-family models predict slot p from row p-1: a window starts one row before its first slot
+        st.window = window = max(lo - shift, 0)
         # Dream at T > 0 samples every position (one `multinomial (L, 1)`), so it needs every row
-        full = self.variant == "dream" and cfg.temperature > 0
-        st.wanted = None if full else _rows_wanted(seq, eligible, self.variant)
-        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=st.wanted)
+        full = self.variant == "dream" and cfg.temperature > 0 and window == 0
+        slots = eligible[0].nonzero().squeeze(1) - window
+        st.wanted = None if full else rows_wanted(slots, seq.length - window, shift=bool(shift))
+        return ForwardSpec(
+            input_ids=seq.canvas[:, window:],
+            positions=seq.state["positions"][:, window:],
+            valid=None if seq.valid is None else seq.valid[:, window:],
+            offset=window,
+            use_cache=use_cache,
+            store_cache=store_cache,
+            logits_at=st.wanted,
+        )
+
+    def _plan_cache(self, st: _MultiBlockState) -> tuple[int, bool, bool]:
+        """d3LLM's delayed cache (`generate_multi_block_kv_cache`): `(window start, read, write)`.
+
+        A block enters the cache `cache_delay_iter` forwards after it is first seen decoded, in order
+        (a block still stabilising holds back the ones after it). A forward that adds blocks runs from
+        the old cache end, reading the cache and storing its K/V; while a block is stabilising (or on
+        the periodic refresh) a full forward rewrites the cached prefix's K/V from the current canvas;
+        otherwise the forward runs from the cache end and reads the frozen prefix. Unlike upstream, a
+        refresh keeps exactly the cached prefix (upstream keeps up to the stabilising block's start,
+        which is the same position whenever every earlier block is cached, its usual state).
+        """
+        cfg = self.settings
+        grow_to, stabilising = st.cache_len, False
+        for block in st.blocks:
+            if block.end <= st.cache_len:
+                continue
+            if block.mask_count:
+                break
+            if block.completed_at is None:
+                block.completed_at = st.iterations
+            if st.iterations - block.completed_at < cfg.cache_delay_iter:
+                stabilising = not block.cached
+                break
+            if not block.cached:
+                block.cached = True
+                grow_to = block.end
+        has_cache = st.cache_len > 0
+        st.grow_to = grow_to
+        periodic = cfg.refresh_interval is not None and st.iterations % cfg.refresh_interval == 0
+        if grow_to > st.cache_len:
+            return st.cache_len, has_cache, True
+        if has_cache and not (stabilising or periodic):
+            return st.cache_len, True, False
+        return 0, False, has_cache
 
     def _early_stop(self, seq: Sequence, st: _MultiBlockState) -> bool:
         """`handle_early_stop` + the block bookkeeping that follows it; True when an EOS was found."""
@@ -345,7 +425,7 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
             if start <= e:
                 break
             end = min(start + self.settings.block_length, seq.length)
-            st.blocks.append(_Block(start, end, 0, end - start, True))
+            st.blocks.append(_Block(start, end, 0, end - start, True, cached=True))  # EOS tail: never cached
         return True
 
     # -------------------------------------------------------------- after the forward
@@ -353,40 +433,44 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
         """`logits` `(R, n, V)` at the rows `plan` asked for (`st.wanted`), or `(R, L, V)` when None."""
         cfg = self.settings
         st: _MultiBlockState = seq.state["multi_block"]
-        x, eligible, wanted = seq.canvas, st.eligible, st.wanted
+        x, eligible, wanted, start = seq.canvas, st.eligible, st.wanted, st.window
         assert eligible is not None, "commit without a planned forward"
+        st.cache_len = max(st.cache_len, st.grow_to)  # the forward has stored the blocks it added
         if self.variant == "llada":
-            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, wanted, cfg)
+            x0, transfer = _llada_entropy_transfer(seq, logits, eligible, wanted, cfg, start)
         else:
             # float64 entropy and argmax only where a slot can be committed (the reference computes
             # them for the whole canvas); at T > 0 every position is sampled, as the reference's one
-            # `multinomial (L, 1)` draw does, so the RNG stream stays the same
+            # `multinomial (L, 1)` draw does, so the RNG stream stays the same (a forward that reads
+            # the cache has no rows for the cached prefix: it samples the eligible slots only)
             slots = eligible[0].nonzero().squeeze(1)
-            rows = slot_logits(logits, slots, True, wanted)  # == shift_right(logits)[0, slots]
+            rows = slot_logits(logits, slots, True, wanted, start)  # == shift_right(logits)[0, slots]
             entropy = torch.full(x.shape, torch.inf, dtype=torch.float64, device=x.device)
             entropy[0, slots] = entropy_f64(rows)
-            if cfg.temperature > 0:
+            x0 = x.clone()
+            if cfg.temperature > 0 and wanted is None:
                 probs = F.softmax(shift_right(logits) / cfg.temperature, dim=-1)
                 x0 = seq.rng.multinomial(probs.view(-1, probs.shape[-1]), 1).view(x.shape)
+            elif cfg.temperature > 0:
+                x0[0, slots] = seq.rng.multinomial(F.softmax(rows / cfg.temperature, dim=-1), 1).squeeze(-1)
             else:
-                x0 = x.clone()
                 x0[0, slots] = torch.argmax(rows, dim=-1)
             transfer = (entropy < cfg.threshold) & eligible
 
         forced = next((b for b in st.blocks[1:] if b.active and b.mask_count > 0), None)
         if forced is not None and not bool(transfer[:, forced.start : forced.end].any()):
-            window = forced.start + eligible[0, forced.start : forced.end].nonzero().squeeze(1)
-            if window.numel():  # guard: stale counts would otherwise force a committed slot
+            open_slots = forced.start + eligible[0, forced.start : forced.end].nonzero().squeeze(1)
+            if open_slots.numel():  # guard: stale counts would otherwise force a committed slot
                 if self.variant == "llada":
-                    window_logits = slot_logits(logits, window, False, wanted)
-                    block_entropy = entropy_f64(window_logits)
+                    open_logits = slot_logits(logits, open_slots, False, wanted, start)
+                    block_entropy = entropy_f64(open_logits)
                 else:
-                    block_entropy = entropy[0, window]
+                    block_entropy = entropy[0, open_slots]
                 pick = int(block_entropy.argmin())  # first of equals, as argmin over the masked block
-                best = int(window[pick])
+                best = int(open_slots[pick])
                 transfer[0, best] = True
                 if self.variant == "llada":  # LLaDA re-picks the raw argmax; Dream keeps x0
-                    x0[0, best] = torch.argmax(window_logits[pick], dim=-1)
+                    x0[0, best] = torch.argmax(open_logits[pick], dim=-1)
 
         x[transfer] = x0[transfer]
         for block in st.blocks[1:]:
@@ -417,6 +501,8 @@ def _policy_from_params(params: DecodingParams, model: DiffusionModel) -> Decodi
         temperature=params.temperature,
         remasking=params.remasking,
         early_stop=params.early_stop,
+        cache_delay_iter=params.cache_delay_iter if params.cache == "prefix" else None,
+        refresh_interval=params.cache_refresh_interval,
     )
     return D3LLMMultiBlockPolicy(settings, variant, model.position_ids)
 
@@ -433,8 +519,8 @@ def _reference(
         args = {**defaults, **kwargs}
         if variant == "dream" and args.get("alg") != "entropy_threshold":
             raise ValueError(f"alg: only 'entropy_threshold' is a d3LLM decoder, got {args.get('alg')!r}")
-        if args.get("cache_delay_iter", 10000) < 10000:
-            raise ValueError("cache_delay_iter: the delayed KV-cache variant is not implemented")
+        if args.get("cache_delay_iter", 10000) < 10000:  # served (cache="prefix"), but no golden case
+            raise ValueError("cache_delay_iter: the delayed KV cache has no reference case to reproduce")
         if args.get("threshold") is None:
             if not multi_block:  # LLaDA `generate` without a threshold is the plain quota sampler
                 raise ValueError("threshold: required (without it d3LLM `generate` is LLaDA's quota sampler)")

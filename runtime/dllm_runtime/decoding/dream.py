@@ -106,13 +106,15 @@ def rows_wanted(slots: torch.Tensor, length: int, shift: bool) -> torch.Tensor:
     return wanted
 
 
-def slot_logits(logits: torch.Tensor, slots: torch.Tensor, shift: bool, wanted: torch.Tensor | None) -> torch.Tensor:
-    """`(n, V)`: the first row's prediction for each of `slots` (1-D, ascending).
+def slot_logits(
+    logits: torch.Tensor, slots: torch.Tensor, shift: bool, wanted: torch.Tensor | None, window: int = 0
+) -> torch.Tensor:
+    """`(n, V)`: the first row's prediction for each of canvas `slots` (1-D, ascending).
 
-    `logits` is the forward's output for `wanted` (`(R, wanted.sum(), V)`, rows in window order),
-    or the whole window's `(R, T, V)` when `wanted` is None.
+    `logits` is the output of a forward over the window starting at canvas position `window`: for
+    `wanted` (`(R, wanted.sum(), V)`, rows in window order), or all its rows when `wanted` is None.
     """
-    rows = source_rows(slots, shift)
+    rows = source_rows(slots - window, shift)
     if wanted is not None:
         rows = wanted.cumsum(0)[rows] - 1  # position of each row among the computed ones
     return logits[0, rows]

@@ -11,7 +11,8 @@ keeps GSM8K accuracy within noise of the full LLaDA sampler while committing sev
 forward (Fast-dLLM v1 paper, `eval_gsm8k.sh` settings; ALGORITHMS.md §3), and unlike a fixed step
 count its cost adapts to how easy each block is. The KV cache defaults to "none": the prefix/dual
 caches are approximations (ALGORITHMS.md §1.9) and cost memory per running sequence, so operators opt
-in with `--cache prefix|dual` once they have checked quality on their workload.
+in with `--cache prefix|dual` once they have checked quality on their workload. With
+`algorithm="d3llm"`, `cache="prefix"` is d3LLM's delayed prefix cache (`cache_delay_iter`).
 
 Generation length: the references require `gen_length % block_length == 0`. A serving user asks for
 `max_tokens` instead, so the canvas gets `generation_slots()` = `max_tokens` rounded up to whole
@@ -70,6 +71,11 @@ class DecodingParams:
     decoded_token_threshold: float = 0.95
     #: d3LLM: once an EOS is decoded, fill everything after it with EOS and stop (the d3LLM chat default)
     early_stop: bool = True
+    #: d3LLM with cache="prefix": a decoded block enters the KV cache this many forwards after it is
+    #: complete (d3LLM's delayed cache; 2 = its LLaDA chat script)
+    cache_delay_iter: int = 2
+    #: d3LLM with cache="prefix": a full forward refreshes the cached prefix every N forwards (None: never)
+    cache_refresh_interval: int | None = None
     seed: int | None = None
     #: vLLM's `ignore_eos`: keep decoding past EOS/EoT until `max_tokens` (benchmarks, fidelity runs)
     ignore_eos: bool = False
@@ -154,10 +160,22 @@ class DecodingParams:
             _check(_is_num(self.factor) and self.factor > 0, "factor", f"must be > 0, got {self.factor!r}")
         _check(self.cache in CACHE_MODES, "cache", f"must be one of {CACHE_MODES}, got {self.cache!r}")
         _check(
-            self.cache == "none" or self.algorithm == "fast_dllm",
+            self.cache == "none" or self.algorithm == "fast_dllm" or (self.cache, self.algorithm) == ("prefix", "d3llm"),
             "cache",
-            f"{self.cache!r} KV cache is only available with algorithm='fast_dllm' (got algorithm={self.algorithm!r})",
+            f"{self.cache!r} KV cache is available with algorithm='fast_dllm' (prefix, dual) and 'd3llm' (prefix), "
+            f"got algorithm={self.algorithm!r}",
         )
+        _check(
+            _is_int(self.cache_delay_iter) and self.cache_delay_iter >= 0,
+            "cache_delay_iter",
+            f"must be an integer >= 0, got {self.cache_delay_iter!r}",
+        )
+        if self.cache_refresh_interval is not None:
+            _check(
+                _is_int(self.cache_refresh_interval) and self.cache_refresh_interval >= 1,
+                "cache_refresh_interval",
+                f"must be an integer >= 1, got {self.cache_refresh_interval!r}",
+            )
         _check(_is_num(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale!r}")
         _check(
             self.cfg_scale == 0 or self.algorithm == "llada",

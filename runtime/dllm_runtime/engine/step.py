@@ -182,6 +182,11 @@ class BatchedCacheAttention:
 
     @staticmethod
     def _store(layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write the window's K/V into the sequence's whole-canvas cache (allocated on first use).
+
+        Positions outside the window keep what earlier forwards stored: Fast-dLLM's storing forwards
+        cover the whole canvas, d3LLM's delayed cache appends blocks after a frozen prefix.
+        """
         seq = r.seq
         if seq.kv is None:
             rows = r.spec.input_ids.shape[0]
@@ -238,9 +243,8 @@ def batched_forward(
     uses_cache = any(s.use_cache or s.store_cache for _, s in work)
     if uses_cache:
         for seq, spec in work:
-            if spec.store_cache:
+            if spec.store_cache:  # its window's K/V replace those positions; the rest stay (see `_store`)
                 seq.state["_num_layers"] = model.num_layers
-                seq.kv = None  # a storing forward rebuilds the cache from scratch
         attention: AttentionContext = BatchedCacheAttention(rows, valid)
     elif not packed and rows[0].length == shape[1]:  # one shape, no padding: a plain batch is exact
         attention = KeyMaskAttention(None if bool(valid.all()) else valid)

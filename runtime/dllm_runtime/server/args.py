@@ -98,13 +98,18 @@ DECODING_OPTIONS: tuple[Option, ...] = (
     Option("remasking", str, None, "LLaDA remasking.", choices=("low_confidence", "random")),
     Option("threshold", float, None, "Fast-dLLM / d3LLM confidence threshold (parallel commits)."),
     Option("factor", float, None, "Fast-dLLM factor-based parallel decoding."),
-    Option("cache", str, None, "Block KV cache.", choices=("none", "prefix", "dual")),
+    Option("cache", str, None, "Block KV cache (d3LLM: prefix = its delayed cache).",
+           choices=("none", "prefix", "dual")),
     Option("cfg-scale", non_negative_float, None, "Classifier-free guidance scale (LLaDA)."),
     Option("alg", str, None, "Dream remasking algorithm.", choices=("origin", "maskgit_plus", "topk_margin", "entropy")),
     Option("alg-temp", float, None, "Dream position-selection temperature."),
     Option("eps", float, None, "Dream time-schedule epsilon."),
     Option("block-add-threshold", float, None, "d3LLM: progress of a block before the next one starts."),
     Option("decoded-token-threshold", float, None, "d3LLM: fraction decoded before a block completes."),
+    Option("cache-delay-iter", non_negative_int, None, "d3LLM delayed cache: forwards a decoded block waits "
+           "before it is cached."),
+    Option("cache-refresh-interval", positive_int, None, "d3LLM delayed cache: refresh the cached prefix "
+           "every N forwards."),
 )
 
 

@@ -62,6 +62,8 @@ class _GenerationRequest(BaseModel):
     eps: float | None = None
     block_add_threshold: float | None = None
     decoded_token_threshold: float | None = None
+    cache_delay_iter: int | None = None
+    cache_refresh_interval: int | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -101,7 +103,8 @@ class _GenerationRequest(BaseModel):
 
 DIFFUSION_FIELDS = (
     "algorithm", "steps", "block_length", "remasking", "threshold", "factor", "cache", "cfg_scale",
-    "alg", "alg_temp", "eps", "block_add_threshold", "decoded_token_threshold",
+    "alg", "alg_temp", "eps", "block_add_threshold", "decoded_token_threshold", "cache_delay_iter",
+    "cache_refresh_interval",
 )
 
 
