@@ -4,7 +4,8 @@ Not a test: it measures. For each concurrency level the same closed-loop workloa
 at most C in flight, a new one submitted as soon as one finishes) runs through `AsyncEngine`
 (worker thread, real policies, real step loop), and the aggregate answer tokens/s and requests/s
 are reported with the speed-up over concurrency 1. A second table gives NFE and tokens per forward
-per decoding policy / cache mode (requests alone: these are properties of the decoder and model).
+per decoding policy / cache mode (requests alone: these are properties of the decoder and model),
+with the tokens the model computes per forward (what a KV cache saves).
 
     python bench/engine.py                                     # golden tiny LLaDA, byte tokenizer
     python bench/engine.py --model /path/to/model-folder --max-tokens 64 --block-length 32
@@ -49,6 +50,7 @@ NFE_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("fast_dllm threshold 0.9, dual cache", {"algorithm": "fast_dllm", "threshold": 0.9, "cache": "dual"}),
     ("fast_dllm factor 1.0", {"algorithm": "fast_dllm", "factor": 1.0}),
     ("d3llm threshold 0.5 multi-block", {"algorithm": "d3llm", "threshold": 0.5}),
+    ("d3llm threshold 0.5, delayed prefix cache", {"algorithm": "d3llm", "threshold": 0.5, "cache": "prefix"}),
 ]
 #: rows for a Dream-family model (right-shifted logits)
 DREAM_NFE_ROWS: list[tuple[str, dict[str, Any]]] = [
@@ -57,18 +59,21 @@ DREAM_NFE_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dream topk_margin steps=gen/2", {"algorithm": "dream", "alg": "topk_margin", "steps": "half"}),
     ("dream origin T=0.5 steps=gen", {"algorithm": "dream", "alg": "origin", "temperature": 0.5}),
     ("d3llm (Dream) threshold 0.5 multi-block", {"algorithm": "d3llm", "threshold": 0.5}),
+    ("d3llm (Dream) 0.5, delayed prefix cache", {"algorithm": "d3llm", "threshold": 0.5, "cache": "prefix"}),
 ]
 
 
 class StepCounter:
-    """EngineObserver: batch sizes of the forwards (called from the engine's worker thread)."""
+    """EngineObserver: sizes of the forwards (called from the engine's worker thread)."""
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
+        self.forward_tokens: list[int] = []
         self.latencies: list[float] = []
 
     def on_step(self, stats: StepStats) -> None:
         self.batch_sizes.append(stats.batch_size)
+        self.forward_tokens.append(stats.tokens_in_forward)
         self.latencies.append(stats.latency_s)
 
     def on_request_finished(self, stats: Any) -> None:
@@ -181,12 +186,14 @@ def forward_ceiling(model: Any, canvas: int, levels: list[int], repeats: int = 1
 async def nfe_table(
     model: Any, tokenizer: Any, args: argparse.Namespace, workload: list[list[int]], rows_spec: list[tuple[str, dict]]
 ) -> list[dict]:
-    engine = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=1))
+    counter = StepCounter()
+    engine = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=1), observer=counter)
     engine.start()
     rows = []
     try:
         for label, overrides in rows_spec:
             finals = []
+            counter.forward_tokens.clear()
             for i, prompt in enumerate(workload):
                 values = {"steps": None, "threshold": None, "seed": i, **overrides}
                 if values["steps"] == "half":
@@ -197,7 +204,11 @@ async def nfe_table(
                         finals.append(out)
             nfe = statistics.fmean(o.nfe for o in finals)
             tokens = statistics.fmean(o.completion_tokens for o in finals)
-            rows.append({"policy": label, "mean_nfe": nfe, "mean_tokens": tokens, "tokens_per_forward": tokens / nfe})
+            computed = statistics.fmean(counter.forward_tokens)  # alone: one sequence per forward
+            rows.append(
+                {"policy": label, "mean_nfe": nfe, "mean_tokens": tokens, "tokens_per_forward": tokens / nfe,
+                 "computed_per_forward": computed}
+            )
     finally:
         await engine.shutdown(10)
     return rows
@@ -261,9 +272,12 @@ async def main_async(args: argparse.Namespace) -> dict:
     if dream is not None:
         table += await nfe_table(*dream, args, workload[: args.nfe_requests], DREAM_NFE_ROWS)
     print(f"\nNFE per request ({args.nfe_requests} requests each, alone):")
-    print(f"{'policy / cache':<42} {'nfe':>7} {'tokens':>7} {'tok/fwd':>8}")
+    print(f"{'policy / cache':<42} {'nfe':>7} {'tokens':>7} {'tok/fwd':>8} {'rows/fwd':>9}")
     for row in table:
-        print(f"{row['policy']:<42} {row['mean_nfe']:>7.1f} {row['mean_tokens']:>7.1f} {row['tokens_per_forward']:>8.2f}")
+        print(
+            f"{row['policy']:<42} {row['mean_nfe']:>7.1f} {row['mean_tokens']:>7.1f} {row['tokens_per_forward']:>8.2f}"
+            f" {row['computed_per_forward']:>9.1f}"
+        )
     return {"model": name, "levels": results, "ratio": ratio, "cpu_ratio": cpu_ratio, "forward_ceiling": ceiling, "nfe": table, "args": vars(args)}
 
 
