@@ -122,18 +122,10 @@ class DecodingParams:
     def validate(self) -> DecodingParams:
         """Raise `ValueError("<field>: ...")` for the first invalid setting; returns self."""
         _check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        _check(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            "max_tokens",
-            f"must be an integer >= 1, got {self.max_tokens!r}",
-        )
-        _check(
-            _is_int(self.block_length) and self.block_length >= 1,
-            "block_length",
-            f"must be an integer >= 1, got {self.block_length!r}",
-        )
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("block_length", self.block_length, 1)
         if self.steps is not None:
-            _check(_is_int(self.steps) and self.steps >= 1, "steps", f"must be an integer >= 1, got {self.steps!r}")
+            _check_int("steps", self.steps, 1)
         _check(
             _is_num(self.temperature) and self.temperature >= 0,
             "temperature",
@@ -142,7 +134,7 @@ class DecodingParams:
         if self.top_p is not None:
             _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None:
-            _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+            _check_int("top_k", self.top_k, 0)
         check_remasking(self.remasking)
         if self.threshold is not None and self.algorithm == "d3llm":
             _check(
@@ -165,17 +157,9 @@ class DecodingParams:
             f"{self.cache!r} KV cache is available with algorithm='fast_dllm' (prefix, dual) and 'd3llm' (prefix), "
             f"got algorithm={self.algorithm!r}",
         )
-        _check(
-            _is_int(self.cache_delay_iter) and self.cache_delay_iter >= 0,
-            "cache_delay_iter",
-            f"must be an integer >= 0, got {self.cache_delay_iter!r}",
-        )
+        _check_int("cache_delay_iter", self.cache_delay_iter, 0)
         if self.cache_refresh_interval is not None:
-            _check(
-                _is_int(self.cache_refresh_interval) and self.cache_refresh_interval >= 1,
-                "cache_refresh_interval",
-                f"must be an integer >= 1, got {self.cache_refresh_interval!r}",
-            )
+            _check_int("cache_refresh_interval", self.cache_refresh_interval, 1)
         _check(_is_num(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale!r}")
         _check(
             self.cfg_scale == 0 or self.algorithm == "llada",
@@ -242,6 +226,10 @@ def check_remasking(mode: str) -> None:
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {message}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    _check(_is_int(value) and value >= minimum, name, f"must be an integer >= {minimum}, got {value!r}")
 
 
 def _is_int(value: Any) -> bool:
