@@ -117,11 +117,13 @@ class Sequence:
     def gen_length(self) -> int:
         return self.length - self.prompt_len
 
-    def committed_prefix_len(self) -> int:
-        """Generated tokens finalised left to right: up to the first still-masked slot."""
+    def mask_progress(self) -> tuple[int, int]:
+        """`(generation slots still masked, tokens finalised left to right)`: the latter counts up to
+        the first still-masked slot. Both from one `nonzero` (the engine asks every step)."""
         gen = self.canvas[0, self.prompt_len :]
         masked = (gen == self.special.mask).nonzero()
-        return int(masked[0, 0]) if masked.numel() else gen.numel()
+        count = masked.shape[0]
+        return count, int(masked[0, 0]) if count else gen.numel()
 
     def cache_bytes(self) -> int:
         return self.kv.nbytes() if self.kv is not None else 0

@@ -34,7 +34,7 @@ from dllm_runtime.decoding.dream import (
     slot_logits,
 )
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
-from dllm_runtime.decoding.primitives import gumbel_argmax
+from dllm_runtime.decoding.primitives import apply_transfer, gumbel_argmax
 from dllm_runtime.decoding.registry import ReferenceDecoder, ReferenceFactory, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 from dllm_runtime.models.dream import dream_position_ids
@@ -152,7 +152,7 @@ class D3LLMBlockwisePolicy(_D3LLMPolicy):
             x0, transfer = _llada_entropy_transfer(seq, logits, eligible, wanted, self.settings)
         else:
             x0, transfer = self._dream_transfer(seq, logits, eligible, wanted, lo, hi)
-        x[transfer] = x0[transfer]
+        apply_transfer(x, transfer, x0)
         if not bool((x[:, lo:hi] == seq.special.mask).any()):
             seq.state["block"] += 1
 
@@ -472,7 +472,7 @@ class D3LLMMultiBlockPolicy(_D3LLMPolicy):
                 if self.variant == "llada":  # LLaDA re-picks the raw argmax; Dream keeps x0
                     x0[0, best] = torch.argmax(open_logits[pick], dim=-1)
 
-        x[transfer] = x0[transfer]
+        apply_transfer(x, transfer, x0)
         for block in st.blocks[1:]:
             if block.mask_count > 0:
                 decoded = int(transfer[:, block.start : block.end].sum())

@@ -33,6 +33,7 @@ from dllm_runtime.decoding.llada import (
 )
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
+    apply_transfer,
     quota,
     transfer_factor,
     transfer_fixed_or_threshold,
@@ -100,6 +101,8 @@ class FastDLLMPolicy(DecodingPolicy):
 
     def _window(self, seq: Sequence, lo: int, hi: int, store: bool = False, use: bool = False) -> ForwardSpec:
         valid = None if seq.valid is None else seq.valid[:, lo:hi]
+        # `commit` reads it again: the canvas does not change in between
+        seq.state["candidates"] = self._candidates(seq, lo, hi)
         return ForwardSpec(
             input_ids=seq.canvas[:, lo:hi],
             positions=seq.state["positions"][:, lo:hi],
@@ -107,7 +110,7 @@ class FastDLLMPolicy(DecodingPolicy):
             offset=lo,
             use_cache=use,
             store_cache=store,
-            logits_at=self._candidates(seq, lo, hi)[0],
+            logits_at=seq.state["candidates"][0],
         )
 
     def _candidates(self, seq: Sequence, lo: int, hi: int) -> torch.Tensor:
@@ -133,9 +136,9 @@ class FastDLLMPolicy(DecodingPolicy):
         else:
             lo, hi = s, e
         window = seq.canvas[:, lo:hi]
-        mask = self._candidates(seq, lo, hi)  # the canvas has not changed since `plan`
+        mask = st["candidates"]  # the window `plan` chose, the same (lo, hi)
         x0, transfer = self._transfer(seq, logits[0], mask, window, step)
-        window[transfer] = x0[transfer]  # a view: writes into seq.canvas
+        apply_transfer(window, transfer, x0)  # a view: writes into seq.canvas
         st["step"] = step + 1  # whether the block is over is decided at the next `plan`
 
     def _block_finished(self, seq: Sequence) -> bool:

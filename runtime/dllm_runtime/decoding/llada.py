@@ -17,6 +17,7 @@ import torch
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
+    apply_transfer,
     gather_prob,
     gumbel_argmax,
     quota,
@@ -93,7 +94,8 @@ class LLaDAPolicy(DecodingPolicy):
             x = torch.cat([x, unconditional])
             positions = torch.cat([positions, positions])
             valid = None if valid is None else torch.cat([valid, valid])
-        return ForwardSpec(input_ids=x, positions=positions, valid=valid, logits_at=self._candidates(seq)[0])
+        st["candidates"] = self._candidates(seq)  # `commit` reads it: the canvas does not change in between
+        return ForwardSpec(input_ids=x, positions=positions, valid=valid, logits_at=st["candidates"][0])
 
     def _candidates(self, seq: Sequence) -> torch.Tensor:
         """`(1, L)` bool: the slots this step may commit, masked and before the block's end.
@@ -113,7 +115,7 @@ class LLaDAPolicy(DecodingPolicy):
             cond, uncond = logits[0:1], logits[1:2]
             logits = uncond + (cfg.cfg_scale + 1) * (cond - uncond)
         x = seq.canvas
-        candidates = self._candidates(seq)  # the canvas has not changed since `plan`
+        candidates = st["candidates"]
         selected = logits[0].clone()  # (n, V); the in-place edits below stay local
         full_shape = (1, x.shape[1], selected.shape[-1])  # the reference's (B, L, V): same RNG draws
         if cfg.logits_eos_inf:
@@ -132,7 +134,7 @@ class LLaDAPolicy(DecodingPolicy):
             p_sel = seq.rng.rand(tuple(x.shape), torch.float32, x.device)[candidates]
         x0, confidence = scatter_candidates(x, candidates, x0_sel, p_sel, -torch.inf)
         transfer = topk_rows(confidence, [st["quota"][st["step"]]])
-        x[transfer] = x0[transfer]
+        apply_transfer(x, transfer, x0)
         st["step"] += 1
         if st["step"] == st["steps_per_block"]:
             st["step"] = 0

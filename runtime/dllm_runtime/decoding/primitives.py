@@ -76,13 +76,18 @@ def scatter_candidates(
     """Full-canvas `(x0, confidence)`: predictions at candidates, `x` and `floor` elsewhere.
 
     Equals the references' `where(M, x0, x)` / `where(M, conf, floor)`; sorting and `topk` then run
-    over full rows, so tie order is the reference's.
+    over full rows, so tie order is the reference's. `masked_scatter` fills the candidates in
+    row-major order, as boolean-index assignment would, without materialising their indices (one
+    op, no host sync on an accelerator: this runs for every sequence at every step).
     """
-    x0 = x.clone()
-    x0[candidates] = x0_sel
-    conf = torch.full(x.shape, floor, dtype=conf_sel.dtype, device=x.device)
-    conf[candidates] = conf_sel
+    x0 = x.masked_scatter(candidates, x0_sel)
+    conf = torch.full(x.shape, floor, dtype=conf_sel.dtype, device=x.device).masked_scatter_(candidates, conf_sel)
     return x0, conf
+
+
+def apply_transfer(x: torch.Tensor, transfer: torch.Tensor, x0: torch.Tensor) -> None:
+    """`x[transfer] = x0[transfer]` in place (x may be a view of the canvas), as one `where`."""
+    x.copy_(torch.where(transfer, x0, x))
 
 
 def quota(num_masked: int, steps: int) -> list[int]:

@@ -342,10 +342,9 @@ class AsyncEngine:
         start = time.perf_counter()
         batch = [(t.seq, t.policy) for t in self._running]
         by_seq = {id(t.seq): t for t in self._running}
-        mask = self.model.special_ids.mask
         for t in self._running:
             if t.masked < 0:
-                t.masked = int((t.seq.canvas == mask).sum())
+                t.masked = t.seq.mask_progress()[0]
         self._outbox = {}
 
         def on_error(seq: Sequence, exc: Exception) -> None:
@@ -358,11 +357,11 @@ class AsyncEngine:
             result = run_step(self.model, batch, on_error=on_error, min_tokens=self._min_tokens)
             for tracked in list(self._running):
                 tracked.steps += 1
-                masked = int((tracked.seq.canvas == mask).sum())
+                masked, prefix_len = tracked.seq.mask_progress()
                 committed += tracked.masked - masked
                 tracked.masked = masked
                 try:
-                    self._advance(tracked)
+                    self._advance(tracked, prefix_len)
                 except Exception as exc:  # e.g. a tokenizer that cannot decode: this request only
                     logger.exception("request %s failed after its step", tracked.request.request_id)
                     self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
@@ -391,15 +390,17 @@ class AsyncEngine:
                 ),
             )
 
-    def _advance(self, tracked: _Tracked) -> None:
-        """After a step: emit the newly finalised text, and finish the request when it is done."""
+    def _advance(self, tracked: _Tracked, prefix_len: int) -> None:
+        """After a step: emit the newly finalised text, and finish the request when it is done.
+
+        `prefix_len`: the generated tokens finalised left to right (`Sequence.mask_progress`).
+        """
         if tracked.error is not None:
             self._finish(tracked, "error", tracked.error)
             return
         seq = tracked.seq
         gen = seq.canvas[0, seq.prompt_len : seq.prompt_len + tracked.max_tokens]
-        prefix_len = seq.committed_prefix_len() if not seq.finished else gen.numel()
-        prefix_len = min(prefix_len, gen.numel())
+        prefix_len = gen.numel() if seq.finished else min(prefix_len, gen.numel())
         reason: FinishReason | None = None
         # early stop: EOS/EoT inside the finalised prefix ends the answer, the rest of the canvas is moot
         if prefix_len > tracked.prefix_seen and not tracked.ignore_eos:

@@ -231,14 +231,9 @@ def batched_forward(
         for i, r in enumerate(rows):
             r.b = i
         shape = (len(rows), max(rows[0].length, -(-min_tokens // len(rows))))
-    device = work[0][1].input_ids.device
-    ids = torch.full(shape, model.special_ids.pad, dtype=torch.long, device=device)
-    pos = torch.zeros(shape, dtype=torch.long, device=device)
-    valid = torch.zeros(shape, dtype=torch.bool, device=device)
-    for r in rows:
-        r.tokens(ids)[:] = r.spec.input_ids[r.row]
-        r.tokens(pos)[:] = r.spec.positions[r.row]
-        r.tokens(valid)[:] = True if r.spec.valid is None else r.spec.valid[r.row]
+    ids = _lay_out([r.spec.input_ids[r.row] for r in rows], packed, shape, model.special_ids.pad)
+    pos = _lay_out([r.spec.positions[r.row] for r in rows], packed, shape, 0)
+    valid = _lay_out([_row_mask(r, r.spec.valid) for r in rows], packed, shape, False)
 
     uses_cache = any(s.use_cache or s.store_cache for _, s in work)
     if uses_cache:
@@ -262,7 +257,7 @@ def batched_forward(
             i += n
         return out
 
-    index, counts = _logits_index(rows, shape[1], min_tokens)
+    index, counts = _logits_index(rows, packed, shape, min_tokens)
     selected = model(ids, pos, attention, logits_index=index).split(counts)
     out, i = [], 0
     for _, spec in work:  # a row's chunk is (n, V) for its `logits_at`, else (T, V)
@@ -277,24 +272,42 @@ def batched_forward(
 MIN_HEAD_ROWS = 64
 
 
-def _logits_index(rows: list[_Row], width: int, min_tokens: int) -> tuple[torch.Tensor, list[int]]:
+def _logits_index(
+    rows: list[_Row], packed: bool, shape: tuple[int, int], min_tokens: int
+) -> tuple[torch.Tensor, list[int]]:
     """Flat `(B·T)` indices of the positions whose logits the rows' policies read, and per-row counts.
 
     A row without `logits_at` wants all its positions. The index is padded with position 0 (its
-    logits are dropped) to `max(min_tokens, MIN_HEAD_ROWS)` entries, for the reason above.
+    logits are dropped) to `max(min_tokens, MIN_HEAD_ROWS)` entries, for the reason above. One
+    `nonzero` over the call's layout (rows lie in order in it) and one read-back of the counts,
+    whatever the number of rows: on an accelerator each is a host sync.
     """
-    parts, counts = [], []
-    for r in rows:
-        at = r.spec.logits_at
-        local = torch.arange(r.length) if at is None else at.nonzero()[:, 0].cpu()
-        parts.append(local + (r.b * width + r.start))
-        counts.append(local.numel())
-    index = torch.cat(parts)
+    wanted = _lay_out([_row_mask(r, r.spec.logits_at) for r in rows], packed, shape, False).flatten()
+    index = wanted.nonzero()[:, 0]
+    row_ends = torch.tensor([r.b * shape[1] + r.start + r.length - 1 for r in rows], device=wanted.device)
+    counts = torch.diff(wanted.cumsum(0)[row_ends], prepend=row_ends.new_zeros(1)).tolist()
     short = max(min_tokens, MIN_HEAD_ROWS) - index.numel()
     if short > 0:
-        index = torch.cat([index, torch.zeros(short, dtype=index.dtype)])
+        index = torch.cat([index, index.new_zeros(short)])
         counts.append(short)
-    return index.to(rows[0].spec.input_ids.device), counts
+    return index, counts
+
+
+def _row_mask(r: _Row, mask: torch.Tensor | None) -> torch.Tensor:
+    """Row `r.row` of a spec's `(R, T)` bool mask; None (no padding / every position) is all True."""
+    if mask is None:
+        return torch.ones(r.length, dtype=torch.bool, device=r.spec.input_ids.device)
+    return mask if mask.dim() == 1 else mask[r.row]
+
+
+def _lay_out(parts: list[torch.Tensor], packed: bool, shape: tuple[int, int], fill: int | bool) -> torch.Tensor:
+    """The rows' 1-D tensors in the model call's layout: end to end in one row (`packed`) or one per
+    batch row; what the rows leave free (padding up to `shape`) is `fill`."""
+    laid = torch.cat(parts)[None] if packed else torch.stack(parts)
+    free = shape[1] - laid.shape[1]
+    if free:
+        laid = torch.cat([laid, laid.new_full((shape[0], free), fill)], dim=1)
+    return laid
 
 
 @dataclass
