@@ -42,6 +42,100 @@ class _Row:
         return t[self.b, :, self.start : self.start + self.length]
 
 
+class RowKeys:
+    """How a forward's rows attend, worked out once per forward and reused by every layer.
+
+    Each layer attends the same rows to key sets of the same lengths and padding; only the numbers
+    differ. So the grouping of rows and their stacked key masks (with the host read that says whether
+    a group needs one), or flash-attn's token index and cumulative lengths, are computed at the first
+    layer instead of in each layer. `valids[i]` `(K_i,)` marks row i's non-pad keys, in key order.
+    """
+
+    def __init__(self, rows: list[_Row], valids: list[torch.Tensor]) -> None:
+        self.rows = rows
+        self.valids = valids
+        self._groups: list[tuple[int, list[int], torch.Tensor | None]] | None = None
+        self._tokens: torch.Tensor | None = None
+        self._varlen: _VarlenPlan | None = None
+
+    # ------------------------------------------------------------------ per-group SDPA (CPU, exact)
+    def sdpa(self, q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """One SDPA call per group of equal (query, key) lengths, see `ragged_sdpa`. `keys[i]` `(Hkv, K_i, D)`."""
+        rows, groups = self.rows, self._sdpa_groups()
+        plain = len(rows) == q.shape[0] and all(r.b == i and r.start == 0 for i, r in enumerate(rows))
+        out = None if plain and len(groups) == 1 else q.new_zeros(q.shape)
+        for t, idx, valid in groups:
+            if out is None:  # every row, one shape, at the front of its own batch row: no gather/scatter
+                qg = q[:, :, :t]
+            elif plain:
+                qg = q[idx, :, :t]
+            else:
+                qg = torch.stack([rows[i].heads(q) for i in idx])
+            og = sdpa(qg, torch.stack([keys[i] for i in idx]), torch.stack([values[i] for i in idx]), valid)
+            if out is None:
+                return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
+            for j, i in enumerate(idx):
+                r = rows[i]
+                out[r.b, :, r.start : r.start + t] = og[j]
+        return out
+
+    def _sdpa_groups(self) -> list[tuple[int, list[int], torch.Tensor | None]]:
+        """`(query length, row indices, key mask or None when no key is padded)` per group."""
+        if self._groups is None:
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for i, (r, m) in enumerate(zip(self.rows, self.valids)):
+                by_shape.setdefault((r.length, m.shape[0]), []).append(i)
+            self._groups = []
+            for (t, _), idx in by_shape.items():
+                valid = torch.stack([self.valids[i] for i in idx])
+                self._groups.append((t, idx, None if bool(valid.all()) else valid))
+        return self._groups
+
+    # ------------------------------------------------------------------ flash-attn varlen (GPU)
+    def own_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows' tokens of a `(B, H, T, D)` tensor of the model call, end to end: `(sum T_i, H, D)`."""
+        b, h, width, d = t.shape
+        if self._tokens is None:
+            flat = [torch.arange(r.length) + (r.b * width + r.start) for r in self.rows]
+            self._tokens = torch.cat(flat).to(t.device)
+        return t.transpose(1, 2).reshape(b * width, h, d).index_select(0, self._tokens)
+
+    def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every row in one `varlen_attention` call. `k`/`v` `(sum K_i, Hkv, D)` are the rows' keys end
+        to end, padded keys included: they are dropped here, which is the same as masking them.
+        Returns `(B, Hq, T, D)` like `q`, zero where no row has a query."""
+        plan = self._varlen_plan(q.device)
+        if plan.keep is not None:
+            k, v = k.index_select(0, plan.keep), v.index_select(0, plan.keep)
+        packed = varlen_attention(self.own_tokens(q), k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
+        b, h, width, d = q.shape
+        out = q.new_zeros(b * width, h, d).index_copy_(0, self._tokens, packed)
+        return out.view(b, width, h, d).transpose(1, 2)
+
+    def _varlen_plan(self, device: torch.device) -> _VarlenPlan:
+        if self._varlen is None:
+            valid = torch.cat(self.valids).cpu()  # one device sync: flash-attn takes the longest lengths as ints
+            n_queries = [r.length for r in self.rows]
+            n_keys = [int(m.sum()) for m in valid.split([m.shape[0] for m in self.valids])]
+            self._varlen = _VarlenPlan(
+                keep=None if bool(valid.all()) else valid.nonzero()[:, 0].to(device),
+                cu_q=_cu_seqlens(n_queries, device),
+                cu_k=_cu_seqlens(n_keys, device),
+                max_q=max(n_queries),
+                max_k=max(n_keys),
+            )
+        return self._varlen
+
+
+@dataclass
+class _VarlenPlan:
+    keep: torch.Tensor | None  # positions of the non-pad keys among the rows' keys end to end
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
 def ragged_sdpa(
     q: torch.Tensor,
     rows: list[_Row],
@@ -58,35 +152,18 @@ def ragged_sdpa(
     unpadded tensors: a row's numbers depend only on its own tokens, never on who shares the batch.
     `q` `(B, Hq, T, D)` holds row i's queries at `rows[i].heads`; it attends to `keys[i]`
     `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Unused query slots return 0.
-    Where `use_varlen(q)`, every row goes through one flash-attn varlen call instead (`_varlen_ragged`).
+    Where `use_varlen(q)`, every row goes through one flash-attn varlen call instead. One layer's
+    form of `RowKeys`, which the attention contexts below keep for all layers of a forward.
     """
+    layout = RowKeys(rows, valids)
     if use_varlen(q):
-        return _varlen_ragged(q, rows, keys, values, valids)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (r, k) in enumerate(zip(rows, keys)):
-        groups.setdefault((r.length, k.shape[1]), []).append(i)
-    plain = all(r.b == i and r.start == 0 for i, r in enumerate(rows)) and len(rows) == q.shape[0]
-    out = None if plain and len(groups) == 1 else q.new_zeros(q.shape)
-    for (t, _), idx in groups.items():
-        if out is None:  # every row, one shape, at the front of its own batch row: no gather/scatter
-            qg = q[:, :, :t]
-        elif plain:
-            qg = q[idx, :, :t]
-        else:
-            qg = torch.stack([rows[i].heads(q) for i in idx])
-        valid = torch.stack([valids[i] for i in idx])
-        og = sdpa(
-            qg,
-            torch.stack([keys[i] for i in idx]),
-            torch.stack([values[i] for i in idx]),
-            None if bool(valid.all()) else valid,
-        )
-        if out is None:
-            return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
-        for j, i in enumerate(idx):
-            r = rows[i]
-            out[r.b, :, r.start : r.start + t] = og[j]
-    return out
+        return layout.varlen(q, _end_to_end(keys), _end_to_end(values))
+    return layout.sdpa(q, keys, values)
+
+
+def _end_to_end(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """`(H, K_i, D)` pieces as one `(sum K_i, H, D)` tensor, flash-attn's packed layout."""
+    return torch.cat([x.transpose(0, 1) for x in pieces])
 
 
 def use_varlen(q: torch.Tensor) -> bool:
@@ -97,38 +174,6 @@ def use_varlen(q: torch.Tensor) -> bool:
     keeps the per-group SDPA that makes a row's logits bit-identical in any batch.
     """
     return varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def _varlen_ragged(
-    q: torch.Tensor,
-    rows: list[_Row],
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    valids: list[torch.Tensor],
-) -> torch.Tensor:
-    """`ragged_sdpa`'s contract in one `varlen_attention` call: every row's queries and non-pad
-    keys packed end to end (dropping a padded key is the same as hiding it with a key mask)."""
-    n_queries = [r.length for r in rows]
-    valid = torch.cat(valids).cpu()  # one device sync: flash-attn takes the longest lengths as ints
-    n_keys = [int(m.sum()) for m in valid.split([k.shape[1] for k in keys])]
-    k = torch.cat([x.transpose(0, 1) for x in keys])  # (sum K_i, Hkv, D)
-    v = torch.cat([x.transpose(0, 1) for x in values])
-    if not bool(valid.all()):
-        keep = valid.nonzero()[:, 0].to(q.device)
-        k, v = k.index_select(0, keep), v.index_select(0, keep)
-    packed = varlen_attention(
-        torch.cat([r.heads(q).transpose(0, 1) for r in rows]),  # (sum T_i, Hq, D)
-        k,
-        v,
-        _cu_seqlens(n_queries, q.device),
-        _cu_seqlens(n_keys, q.device),
-        max(n_queries),
-        max(n_keys),
-    )
-    out = q.new_zeros(q.shape)
-    for r, o in zip(rows, packed.split(n_queries)):
-        r.heads(out).copy_(o.transpose(0, 1))
-    return out
 
 
 def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -142,15 +187,12 @@ class RaggedAttention:
     def __init__(self, rows: list[_Row], valid: torch.Tensor) -> None:
         self.rows = rows
         self.valid = valid  # (B, T) of the model call, False = pad
+        self.keys = RowKeys(rows, [r.tokens(valid) for r in rows])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return ragged_sdpa(
-            q,
-            self.rows,
-            [r.heads(k) for r in self.rows],
-            [r.heads(v) for r in self.rows],
-            [r.tokens(self.valid) for r in self.rows],
-        )
+        if use_varlen(q):  # a row's keys are its own tokens: no per-row work at all
+            return self.keys.varlen(q, self.keys.own_tokens(k), self.keys.own_tokens(v))
+        return self.keys.sdpa(q, [r.heads(k) for r in self.rows], [r.heads(v) for r in self.rows])
 
 
 class BatchedCacheAttention:
@@ -159,26 +201,40 @@ class BatchedCacheAttention:
     def __init__(self, rows: list[_Row], new_valid: torch.Tensor) -> None:
         self.rows = rows
         self.new_valid = new_valid  # (B, T) of the model call
+        self.keys: RowKeys | None = None  # set at the first layer, after its stores (which may allocate)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values, valids = [], [], []
         for r in self.rows:
-            kv = r.seq.kv
-            new_k, new_v, new_valid = r.heads(k), r.heads(v), r.tokens(self.new_valid)
             if r.spec.store_cache:
-                self._store(layer, r, new_k, new_v, new_valid)
-            if r.spec.use_cache:
-                if kv is None:
-                    raise RuntimeError("policy asked for a KV cache before building one (use store_cache first)")
-                lo, hi = r.spec.offset, r.spec.offset + r.length
-                keys.append(torch.cat([kv.keys[layer][r.row, :, :lo], new_k, kv.keys[layer][r.row, :, hi:]], dim=1))
-                values.append(torch.cat([kv.values[layer][r.row, :, :lo], new_v, kv.values[layer][r.row, :, hi:]], dim=1))
-                valids.append(torch.cat([kv.valid[r.row, :lo], new_valid, kv.valid[r.row, hi:]]))
-            else:
-                keys.append(new_k)
-                values.append(new_v)
-                valids.append(new_valid)
-        return ragged_sdpa(q, self.rows, keys, values, valids)
+                self._store(layer, r, r.heads(k), r.heads(v), r.tokens(self.new_valid))
+        if self.keys is None:
+            self.keys = RowKeys(self.rows, [self._valid(r) for r in self.rows])
+        keys = [self._in_key_order(r, "keys", layer, r.heads(k)) for r in self.rows]
+        values = [self._in_key_order(r, "values", layer, r.heads(v)) for r in self.rows]
+        if use_varlen(q):
+            flat_k, flat_v = [x for p in keys for x in p], [x for p in values for x in p]
+            return self.keys.varlen(q, _end_to_end(flat_k), _end_to_end(flat_v))
+        return self.keys.sdpa(q, [_joined(p) for p in keys], [_joined(p) for p in values])
+
+    def _valid(self, r: _Row) -> torch.Tensor:
+        new = r.tokens(self.new_valid)
+        if not r.spec.use_cache:
+            return new
+        kv = r.seq.kv
+        if kv is None:
+            raise RuntimeError("policy asked for a KV cache before building one (use store_cache first)")
+        lo, hi = r.spec.offset, r.spec.offset + r.length
+        return torch.cat([kv.valid[r.row, :lo], new, kv.valid[r.row, hi:]])
+
+    @staticmethod
+    def _in_key_order(r: _Row, kind: str, layer: int, new: torch.Tensor) -> list[torch.Tensor]:
+        """Row r's keys (`kind="keys"`) or values as `(Hkv, K, D)` pieces in canvas order: the cache
+        before the window, the window's new ones, the cache after (Fast-dLLM's prefix/dual order)."""
+        if not r.spec.use_cache:
+            return [new]
+        cached = getattr(r.seq.kv, kind)[layer][r.row]
+        lo, hi = r.spec.offset, r.spec.offset + r.length
+        return [cached[:, :lo], new, cached[:, hi:]]
 
     @staticmethod
     def _store(layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
@@ -200,7 +256,13 @@ class BatchedCacheAttention:
         lo, hi = r.spec.offset, r.spec.offset + r.length
         seq.kv.keys[layer][r.row, :, lo:hi] = k
         seq.kv.values[layer][r.row, :, lo:hi] = v
-        seq.kv.valid[r.row, lo:hi] = valid
+        if layer == 0:  # the same for every layer
+            seq.kv.valid[r.row, lo:hi] = valid
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One row's `(Hkv, K, D)` key pieces as one tensor (no copy when there is one piece)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def batched_forward(
