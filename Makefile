@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: help install run serve test test-unit cluster-up cluster-down bench lint clean
+.PHONY: help install run serve test test-unit cluster-up cluster-down bench clean
 
 help:
 	@echo "make run     - install and serve (the built-in demo model unless MODEL=/path/to/model)"

@@ -24,7 +24,9 @@ traffic and compute, so it is a lower bound, not a prediction: a full-canvas for
 gen 256 runs 768 tokens through every matmul (~12 TFLOP at 8B), which is compute-bound on an H100/H200
 (the bare-forward line reports the achieved TFLOP/s to show it); the dual cache's in-block forwards
 (block_length tokens) are the ones that can approach the bandwidth floor. Times include the step
-loop's host-side work (planning, the per-row logits index, commit), i.e. what serving pays per step.
+loop's host-side work (planning, batch layout, the logits index, commit), i.e. what serving pays per
+step; "model ms" is the part inside the model call and "host ms" the rest, so a large host share
+says the step loop, not the GPU, bounds that configuration.
 Weights are random, so the committed tokens are noise; with a fixed quota the number of forwards
 does not depend on them (block_length / quota per block, every cache mode).
 """
@@ -92,6 +94,8 @@ class Row:
     forwards_per_s: float
     tokens_per_s: float  # generated tokens (batch x gen_len) per second
     ms_per_forward: float
+    model_ms_per_forward: float  # inside the model call (device time between CUDA events on a GPU)
+    host_ms_per_forward: float  # the rest: the step loop's own work that the device does not overlap
     floor_ms: float | None  # batch 1 only: weight bytes read per forward / HBM bandwidth
     vs_floor: float | None  # ms_per_forward / floor_ms
     peak_mem_gib: float | None  # torch.cuda.max_memory_allocated during the timed decode (weights included)
@@ -175,7 +179,44 @@ def make_batch(
     return batch
 
 
-def decode(model: LLaDAModel, batch: list[tuple[Sequence, DecodingPolicy]], max_forwards: int | None = None) -> int:
+class ModelTimer:
+    """The model as `run_step` sees it, timing each call: splits a step into the model and the rest.
+
+    On a GPU the time is read from CUDA events around each call (device time, read after the decode:
+    no extra sync inside the timed loop); on a CPU it is wall time around the call. What the table
+    calls host time is the step's wall time minus this: planning, batch layout, the logits index,
+    commits and the syncs they make, as far as the device does not overlap them.
+    """
+
+    def __init__(self, model: LLaDAModel) -> None:
+        self.model = model
+        self.events: list[tuple[Any, Any]] = []
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:  # special_ids, num_layers, ...
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.model.model.transformer.wte.weight.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.model(*args, **kwargs)
+            end.record()
+            self.events.append((start, end))
+            return out
+        begin = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.seconds += time.perf_counter() - begin
+        return out
+
+    def total_ms(self) -> float:
+        """Milliseconds inside model calls so far (call after the device is synchronised)."""
+        return 1000 * self.seconds + sum(start.elapsed_time(end) for start, end in self.events)
+
+
+def decode(model: Any, batch: list[tuple[Sequence, DecodingPolicy]], max_forwards: int | None = None) -> int:
     """Run the engine's batched step until every sequence is done (or `max_forwards`); returns forwards."""
     forwards = 0
     while not all(seq.finished for seq, _ in batch) and (max_forwards is None or forwards < max_forwards):
@@ -209,17 +250,20 @@ def run_config(
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(args.device)
+    timer = ModelTimer(model)
     sync(args.device)
     start = time.perf_counter()
-    forwards = decode(model, batch)
+    forwards = decode(timer, batch)
     sync(args.device)
     wall = time.perf_counter() - start
     nfe = [seq.nfe for seq, _ in batch]
     ms = 1000 * wall / forwards
+    model_ms = timer.total_ms() / forwards
     floor = floor_ms if batch_size == 1 else None
     return Row(
         batch=batch_size, cache=cache, forwards=forwards, nfe_min=min(nfe), nfe_max=max(nfe), wall_s=wall,
         forwards_per_s=forwards / wall, tokens_per_s=batch_size * args.gen_len / wall, ms_per_forward=ms,
+        model_ms_per_forward=model_ms, host_ms_per_forward=ms - model_ms,
         floor_ms=floor, vs_floor=None if floor is None else ms / floor,
         peak_mem_gib=torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.type == "cuda" else None,
         masks_left=masks_left(batch),
@@ -273,13 +317,14 @@ def render(rows: list[Row], bare: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['dtype']} on {meta['device_name']}, HBM {opt(meta['hbm_gbps'], '.0f')} GB/s; prompt {meta['prompt_len']}, "
         f"gen {meta['gen_len']}, block {meta['block_length']}, fast_dllm fixed quota {meta['quota']} tokens/forward",
         "",
-        "| batch | cache | forwards | wall s | forwards/s | tokens/s | ms/forward | floor ms | measured/floor | peak GiB | masks left |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | cache | forwards | wall s | forwards/s | tokens/s | ms/forward | model ms | host ms | floor ms "
+        "| measured/floor | peak GiB | masks left |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.batch} | {r.cache} | {r.forwards} | {r.wall_s:.3f} | {r.forwards_per_s:.1f} | {r.tokens_per_s:.1f} | "
-            f"{r.ms_per_forward:.2f} | {opt(r.floor_ms, '.3g')} | {opt(r.vs_floor, '.2f')} | {opt(r.peak_mem_gib, '.2f')} | "
+            f"{r.ms_per_forward:.2f} | {r.model_ms_per_forward:.2f} | {r.host_ms_per_forward:.2f} | {opt(r.floor_ms, '.3g')} | {opt(r.vs_floor, '.2f')} | {opt(r.peak_mem_gib, '.2f')} | "
             f"{r.masks_left} |"
         )
     lines += [

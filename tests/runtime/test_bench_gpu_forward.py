@@ -57,6 +57,8 @@ def test_tiny_cpu_run_decodes_every_config_at_the_fixed_quota(bench: ModuleType,
         assert r["wall_s"] > 0 and r["tokens_per_s"] > 0 and r["forwards_per_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(batch * GEN / r["wall_s"])
         assert r["ms_per_forward"] == pytest.approx(1000 * r["wall_s"] / r["forwards"])
+        assert 0 < r["model_ms_per_forward"] < r["ms_per_forward"]  # the model call is timed inside the step
+        assert r["host_ms_per_forward"] == pytest.approx(r["ms_per_forward"] - r["model_ms_per_forward"])
         assert r["floor_ms"] is None and r["vs_floor"] is None and r["peak_mem_gib"] is None  # CPU: no floor
 
     meta = result["meta"]
