@@ -1,6 +1,6 @@
-"""The flash-attn varlen path of `ragged_sdpa` (issue #7), checked on CPU with a stand-in kernel.
+"""The varlen FlashAttention path of `ragged_sdpa` (issue #7), checked on CPU with a stand-in kernel.
 
-A GPU and the flash-attn package cannot run here, so these tests replace
+A GPU (and with it flash-attn or PyTorch's own varlen kernel) cannot run here, so these tests replace
 `dllm_runtime.models.attention._flash_attn_varlen_func` with a pure-torch reference of
 `flash_attn_varlen_func`'s contract (per packed segment: non-causal SDPA of its query rows against
 its key/value rows, GQA by repeating kv heads, softmax scale 1/sqrt(D)) and force
@@ -163,3 +163,33 @@ def test_gqa_rows_with_padded_keys_match_sdpa(varlen) -> None:
     assert stand_in.calls == [(lengths, [3, 5, 5])]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert not got[:, :, at:].any()
+
+
+def test_torch_varlen_kernel_is_called_like_flash_attn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's own `varlen_attn` (the kernel used where flash-attn is not installed) gets equal q/kv
+    head counts (kv heads repeated: not every torch release or backend takes GQA) and only the
+    arguments every release accepts; its output is returned as flash-attn's would be."""
+    from torch.nn.attention import varlen as torch_varlen
+
+    seen: list[tuple] = []
+    reference = StandIn()
+
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):  # no keyword: the 2.10 .. 2.13 common subset
+        assert q.shape[1] == k.shape[1] == v.shape[1]
+        seen.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k))
+        return reference(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", fake_varlen_attn)
+    kernel = attention.torch_varlen_func()
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(7, 6, 8, generator=gen)
+    k, v = torch.randn(9, 2, 8, generator=gen), torch.randn(9, 2, 8, generator=gen)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    out = kernel(q, k, v, cu_q, cu_k, 4, 5)
+
+    assert seen == [([0, 3, 7], [0, 4, 9], 4, 5)]
+    torch.testing.assert_close(out, StandIn()(q, k, v, cu_q, cu_k, 4, 5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bidirectional"):
+        kernel(q, k, v, cu_q, cu_k, 4, 5, causal=True)

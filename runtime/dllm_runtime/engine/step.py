@@ -5,10 +5,11 @@ Layout of the model call: rows of one length form a plain `(N, T)` batch; rows o
 are *packed* end to end into one `(1, sum T)` row, so projections and MLPs spend nothing on padding
 (vLLM-style varlen batching). Either way attention runs per group of equal-length rows on unpadded
 keys (`ragged_sdpa`), so a row's logits are bit-identical alone or in any batch (per-request
-determinism). On a GPU with flash-attn (fp16/bf16) it is instead one varlen kernel call for every
-row (`use_varlen`): GPU kernels are not batch-invariant anyway. Rows that read a block KV cache
-attend to `cache[:offset] ++ new ++ cache[offset+T:]`, exactly the key order of the Fast-dLLM
-prefix/dual caches, so a batch of one reproduces the references bit for bit.
+determinism). On a GPU (fp16/bf16) it is instead one varlen FlashAttention call for every row
+(`use_varlen`: flash-attn's kernel, else PyTorch's own): GPU kernels are not batch-invariant
+anyway. Rows that read a block KV cache attend to `cache[:offset] ++ new ++ cache[offset+T:]`,
+exactly the key order of the Fast-dLLM prefix/dual caches, so a batch of one reproduces the
+references bit for bit.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class RowKeys:
 
     Each layer attends the same rows to key sets of the same lengths and padding; only the numbers
     differ. So the grouping of rows and their stacked key masks (with the host read that says whether
-    a group needs one), or flash-attn's token index and cumulative lengths, are computed at the first
+    a group needs one), or the varlen kernel's token index and cumulative lengths, are computed at the first
     layer instead of in each layer. `valids[i]` `(K_i,)` marks row i's non-pad keys, in key order.
     """
 
@@ -91,7 +92,7 @@ class RowKeys:
                 self._groups.append((t, idx, None if bool(valid.all()) else valid))
         return self._groups
 
-    # ------------------------------------------------------------------ flash-attn varlen (GPU)
+    # ------------------------------------------------------------------ varlen FlashAttention (GPU)
     def own_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """The rows' tokens of a `(B, H, T, D)` tensor of the model call, end to end: `(sum T_i, H, D)`."""
         b, h, width, d = t.shape
@@ -114,7 +115,7 @@ class RowKeys:
 
     def _varlen_plan(self, device: torch.device) -> _VarlenPlan:
         if self._varlen is None:
-            valid = torch.cat(self.valids).cpu()  # one device sync: flash-attn takes the longest lengths as ints
+            valid = torch.cat(self.valids).cpu()  # one device sync: the kernel takes the longest lengths as ints
             n_queries = [r.length for r in self.rows]
             n_keys = [int(m.sum()) for m in valid.split([m.shape[0] for m in self.valids])]
             self._varlen = _VarlenPlan(
@@ -152,7 +153,7 @@ def ragged_sdpa(
     unpadded tensors: a row's numbers depend only on its own tokens, never on who shares the batch.
     `q` `(B, Hq, T, D)` holds row i's queries at `rows[i].heads`; it attends to `keys[i]`
     `(Hkv, K_i, D)` whose `valids[i]` `(K_i,)` marks non-pad keys. Unused query slots return 0.
-    Where `use_varlen(q)`, every row goes through one flash-attn varlen call instead. One layer's
+    Where `use_varlen(q)`, every row goes through one varlen FlashAttention call instead. One layer's
     form of `RowKeys`, which the attention contexts below keep for all layers of a forward.
     """
     layout = RowKeys(rows, valids)
@@ -162,22 +163,22 @@ def ragged_sdpa(
 
 
 def _end_to_end(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """`(H, K_i, D)` pieces as one `(sum K_i, H, D)` tensor, flash-attn's packed layout."""
+    """`(H, K_i, D)` pieces as one `(sum K_i, H, D)` tensor, the varlen kernels' packed layout."""
     return torch.cat([x.transpose(0, 1) for x in pieces])
 
 
 def use_varlen(q: torch.Tensor) -> bool:
-    """Whether `ragged_sdpa` runs all rows in one flash-attn varlen call rather than SDPA per group.
+    """Whether `ragged_sdpa` runs all rows in one varlen FlashAttention call rather than SDPA per group.
 
-    Only where flash-attn can run: installed, CUDA, fp16/bf16. One launch for the whole batch
-    instead of one per distinct length; GPU kernels are not batch-invariant anyway, while the CPU
-    keeps the per-group SDPA that makes a row's logits bit-identical in any batch.
+    Only where such a kernel can run: flash-attn installed or torch >= 2.10, CUDA, fp16/bf16. One
+    launch for the whole batch instead of one per distinct length; GPU kernels are not
+    batch-invariant anyway, while the CPU keeps the per-group SDPA that makes a row's logits bit-identical in any batch.
     """
     return varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """flash-attn's cumulative sequence lengths `[0, l0, l0 + l1, ...]` (int32, on `device`)."""
+    """The varlen kernels' cumulative sequence lengths `[0, l0, l0 + l1, ...]` (int32, on `device`)."""
     return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
 
 

@@ -1,6 +1,8 @@
-"""Attention kernels (SDPA, flash-attn varlen) and the two simplest attention contexts (full, key-padding mask)."""
+"""Attention kernels (SDPA, varlen FlashAttention) and the two simplest attention contexts (full, key-padding mask)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ class KeyMaskAttention:
 
 
 def varlen_available() -> bool:
-    """Whether flash-attn's varlen kernel is installed (it runs on CUDA fp16/bf16 tensors only)."""
+    """Whether a varlen kernel is there: flash-attn's, else PyTorch's own (both CUDA fp16/bf16 only)."""
     return _flash_attn_varlen_func is not None
 
 
@@ -49,10 +51,10 @@ def varlen_attention(
 
     `q` `(sum T_i, Hq, D)` and `k`/`v` `(sum K_i, Hkv, D)` hold sequence i at
     `cu_seqlens_*[i]:cu_seqlens_*[i + 1]` (int32, on q's device); keys hold no padding, so no mask
-    is needed. GQA (Hkv < Hq) is native. Returns `(sum T_i, Hq, D)`. Needs `varlen_available()`.
+    is needed. GQA (Hkv < Hq) is allowed. Returns `(sum T_i, Hq, D)`. Needs `varlen_available()`.
     """
     if _flash_attn_varlen_func is None:
-        raise RuntimeError("flash-attn is not installed: varlen attention is unavailable")
+        raise RuntimeError("no varlen attention kernel: install flash-attn or use torch >= 2.10")
     return _flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False
     )
@@ -67,4 +69,38 @@ def load_flash_attn(name: str):  # pragma: no cover - depends on an optional GPU
     return getattr(flash_attn, name, None)
 
 
-_flash_attn_varlen_func = load_flash_attn("flash_attn_varlen_func")
+def torch_varlen_func() -> Callable[..., torch.Tensor] | None:
+    """PyTorch's own varlen FlashAttention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10)
+    behind flash-attn's calling convention, or None on an older torch.
+
+    Why: flash-attn is a large CUDA build that GPU images rarely carry, while every recent torch
+    wheel ships this kernel. Its signature changed between releases (GQA only from 2.12, and not on
+    its cuDNN backend), so only the arguments every release takes are passed, and kv heads are
+    repeated for GQA as `sdpa` does.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+
+    def call(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        if causal:
+            raise ValueError("diffusion LMs attend bidirectionally: causal varlen attention is not used")
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    return call
+
+
+_flash_attn_varlen_func = load_flash_attn("flash_attn_varlen_func") or torch_varlen_func()
