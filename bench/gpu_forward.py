@@ -15,6 +15,7 @@ batch-1 full-canvas forward (`model(ids, positions)`, median of `--repeats`) aga
     python bench/gpu_forward.py                                   # on a GPU box: 8B shapes, bf16, batch 1 and 32
     python bench/gpu_forward.py --batch-sizes 1,8,32 --caches dual --json out.json
     python bench/gpu_forward.py --hbm-gbps 2000                   # a GPU the bandwidth table does not know
+    python bench/gpu_forward.py --batch-sizes 32 --prompt-spread 256  # distinct prompt lengths: packed, varlen
     python bench/gpu_forward.py --preset tiny --device cpu --dtype float32 --prompt-len 32 \\
         --gen-len 32 --block-length 16 --batch-sizes 1,2        # CPU smoke run (tests/runtime/test_bench_gpu_forward.py)
 
@@ -162,8 +163,14 @@ def random_prompts(batch: int, length: int, vocab: int, mask: int, seed: int) ->
     return ids + (ids >= mask).long()
 
 
+def prompt_lengths(longest: int, spread: int, batch: int) -> list[int]:
+    """Prompt lengths spread evenly over `[longest - spread, longest]`: with a spread, no two rows of a
+    batch share a length, as in serving, and the step loop packs them (varlen attention on a GPU)."""
+    return [longest - (spread * i) // max(1, batch - 1) for i in range(batch)]
+
+
 def make_batch(
-    model: LLaDAModel, params: DecodingParams, prompts: torch.Tensor, device: torch.device
+    model: LLaDAModel, params: DecodingParams, prompts: list[torch.Tensor], device: torch.device
 ) -> list[tuple[Sequence, DecodingPolicy]]:
     """One (sequence, policy) per prompt, canvases on `device`, initialised as the engine does."""
     special = model.special_ids
@@ -243,7 +250,8 @@ def run_config(
         steps=args.gen_len // args.quota, cache=cache, temperature=0.0,
     )  # fmt: skip
     assert params.resolved_threshold() is None, "a threshold would replace the fixed quota"
-    prompts = random_prompts(batch_size, args.prompt_len, model.config.vocab_size, model.special_ids.mask, args.seed)
+    full = random_prompts(batch_size, args.prompt_len, model.config.vocab_size, model.special_ids.mask, args.seed)
+    prompts = [p[:n] for p, n in zip(full, prompt_lengths(args.prompt_len, args.prompt_spread, batch_size))]
     if args.warmup:
         decode(model, make_batch(model, params, prompts, args.device), args.warmup)
     batch = make_batch(model, params, prompts, args.device)
@@ -314,8 +322,8 @@ def render(rows: list[Row], bare: dict[str, Any], meta: dict[str, Any]) -> str:
 
     lines = [
         f"{meta['preset']} LLaDA ({meta['params'] / 1e9:.3g}B params, {meta['streamed_gb']:.3g} GB streamed per forward), "
-        f"{meta['dtype']} on {meta['device_name']}, HBM {opt(meta['hbm_gbps'], '.0f')} GB/s; prompt {meta['prompt_len']}, "
-        f"gen {meta['gen_len']}, block {meta['block_length']}, fast_dllm fixed quota {meta['quota']} tokens/forward",
+        f"{meta['dtype']} on {meta['device_name']}, HBM {opt(meta['hbm_gbps'], '.0f')} GB/s; "
+        f"prompt {meta['prompt_len']} (spread {meta['prompt_spread']}), gen {meta['gen_len']}, block {meta['block_length']}, fast_dllm fixed quota {meta['quota']} tokens/forward",
         "",
         "| batch | cache | forwards | wall s | forwards/s | tokens/s | ms/forward | model ms | host ms | floor ms "
         "| measured/floor | peak GiB | masks left |",
@@ -324,8 +332,8 @@ def render(rows: list[Row], bare: dict[str, Any], meta: dict[str, Any]) -> str:
     for r in rows:
         lines.append(
             f"| {r.batch} | {r.cache} | {r.forwards} | {r.wall_s:.3f} | {r.forwards_per_s:.1f} | {r.tokens_per_s:.1f} | "
-            f"{r.ms_per_forward:.2f} | {r.model_ms_per_forward:.2f} | {r.host_ms_per_forward:.2f} | {opt(r.floor_ms, '.3g')} | {opt(r.vs_floor, '.2f')} | {opt(r.peak_mem_gib, '.2f')} | "
-            f"{r.masks_left} |"
+            f"{r.ms_per_forward:.2f} | {r.model_ms_per_forward:.2f} | {r.host_ms_per_forward:.2f} | "
+            f"{opt(r.floor_ms, '.3g')} | {opt(r.vs_floor, '.2f')} | {opt(r.peak_mem_gib, '.2f')} | {r.masks_left} |"
         )
     lines += [
         "",
@@ -339,6 +347,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="8b")
     p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument(
+        "--prompt-spread", type=int, default=0,
+        help="batch prompts get lengths spread over [prompt-len - spread, prompt-len] (0: all equal)",
+    )  # fmt: skip
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--quota", type=int, default=8, help="tokens committed per forward (steps = gen_len / quota)")
@@ -358,6 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.caches = args.caches.split(",")
     if args.gen_len % args.block_length or args.block_length % args.quota:
         p.error("a fixed quota per forward needs --gen-len % --block-length == 0 and --block-length % --quota == 0")
+    if not 0 <= args.prompt_spread < args.prompt_len:
+        p.error("--prompt-spread must be >= 0 and below --prompt-len")
     if args.prompt_len + args.gen_len > PRESETS[args.preset][0]["max_sequence_length"]:
         p.error("--prompt-len + --gen-len exceeds the preset's max_sequence_length")
     return args
@@ -375,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "weight_bytes": total,
         "streamed_gb": streamed / 1e9, "streamed_bytes": streamed, "hbm_gbps": gbps, "dtype": args.dtype,
         "device_name": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else str(args.device),
-        "prompt_len": args.prompt_len, "gen_len": args.gen_len, "block_length": args.block_length,
+        "prompt_len": args.prompt_len, "prompt_spread": args.prompt_spread, "gen_len": args.gen_len,
+        "block_length": args.block_length,
         "quota": args.quota, "warmup": args.warmup, "repeats": args.repeats,
     }  # fmt: skip
     rows = []

@@ -71,6 +71,25 @@ def test_tiny_cpu_run_decodes_every_config_at_the_fixed_quota(bench: ModuleType,
     assert "bare batch-1 forward" in table
 
 
+def test_prompt_spread_gives_every_row_its_own_length(bench: ModuleType, tmp_path: Path) -> None:
+    """Distinct prompt lengths (the serving case: packed rows, varlen attention on a GPU) decode in the
+    same number of forwards, cache or not."""
+    assert bench.prompt_lengths(32, 12, 4) == [32, 28, 24, 20]
+    assert bench.prompt_lengths(32, 12, 1) == [32]
+    out = tmp_path / "spread.json"
+    rc = bench.main([
+        "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--threads", "1",
+        "--prompt-len", str(PROMPT), "--prompt-spread", "12", "--gen-len", str(GEN), "--block-length", str(BLOCK),
+        "--quota", str(QUOTA), "--batch-sizes", "3", "--caches", "none,dual", "--warmup", "0", "--repeats", "1",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["prompt_spread"] == 12
+    for r in result["rows"]:
+        assert r["forwards"] == r["nfe_max"] == GEN // QUOTA and r["masks_left"] == 0, r["cache"]
+
+
 def test_8b_preset_has_llada_8b_shapes_and_a_bandwidth_floor(bench: ModuleType) -> None:
     """Built on the meta device (no memory): parameter count and the bytes the floor divides."""
     model = bench.build_model("8b", torch.device("meta"), torch.bfloat16, seed=0)
