@@ -202,7 +202,9 @@ class DreamPolicy(DecodingPolicy):
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         if seq.state["step"] >= self.settings.steps:
             return None
-        wanted = rows_wanted(self._masked_slots(seq), seq.length, self.shift_logits)
+        # `commit` reads it again: the canvas does not change in between
+        seq.state["slots"] = self._masked_slots(seq)
+        wanted = rows_wanted(seq.state["slots"], seq.length, self.shift_logits)
         return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=wanted)
 
     def _masked_slots(self, seq: Sequence) -> torch.Tensor:
@@ -215,10 +217,9 @@ class DreamPolicy(DecodingPolicy):
         x = seq.canvas
         mask_id = seq.special.mask
         masked = x == mask_id
-        before = int(masked.sum())
-        # == shift_right(logits)[masked] (B = 1: row-major order is ascending slot order); the canvas
-        # has not changed since `plan`
-        slots = self._masked_slots(seq)
+        # == shift_right(logits)[masked] (B = 1: row-major order is ascending slot order)
+        slots = seq.state["slots"]
+        before = slots.numel()
         mask_logits = slot_logits(logits, slots, self.shift_logits, rows_wanted(slots, seq.length, self.shift_logits))
         t, s = seq.state["timesteps"][i], seq.state["timesteps"][i + 1]
         last = i == cfg.steps - 1
@@ -229,7 +230,7 @@ class DreamPolicy(DecodingPolicy):
             chosen = coins < p_transfer
             y = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
             _, y[chosen] = sample_tokens(mask_logits[chosen], seq.rng, cfg.temperature, cfg.top_p, cfg.top_k)
-            x[masked] = y
+            x.masked_scatter_(masked, y)  # x[masked] = y without a boolean-index write (a host sync on a GPU)
         else:
             confidence, y = sample_tokens(
                 mask_logits,
@@ -244,13 +245,12 @@ class DreamPolicy(DecodingPolicy):
             n = int(m) if last else int(m * (1 - s / t))
             if n > 0:
                 full = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
-                full[masked] = confidence
+                full.masked_scatter_(masked, confidence.to(full.dtype))  # = full[masked] = confidence
                 if not cfg.alg_temp:
                     idx = torch.topk(full, n).indices
                 else:
                     idx = seq.rng.multinomial(F.softmax(full / cfg.alg_temp, dim=-1), n)
-                proposal = torch.full_like(x, mask_id)
-                proposal[masked] = y
+                proposal = torch.full_like(x, mask_id).masked_scatter_(masked, y)
                 x[0, idx[0]] = proposal[0, idx[0]]
 
         seq.state["unmasked_per_step"].append(before - int((x == mask_id).sum()))
