@@ -44,7 +44,9 @@ SR = ("serving.kserve.io/v1alpha1", "ServingRuntime")
 JOB = ("batch/v1", "Job")
 PVC = ("v1", "PersistentVolumeClaim")
 NS_PREFIX = "dlmtest-"
-TIMEOUT = float(os.environ.get("DLLM_OPERATOR_TEST_TIMEOUT", "60"))
+#: generous: a passing check returns at once, and kube-controller-manager's garbage collector took
+#: over 60 s to collect a child on a 2-core machine busy with another test run
+TIMEOUT = float(os.environ.get("DLLM_OPERATOR_TEST_TIMEOUT", "120"))
 
 
 def eventually(check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.5, what: str = "") -> Any:
