@@ -207,7 +207,7 @@ class BatchedCacheAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         for r in self.rows:
             if r.spec.store_cache:
-                self._store(layer, r, r.heads(k), r.heads(v), r.tokens(self.new_valid))
+                self._store(layer, r, r.heads(k), r.heads(v))
         if self.keys is None:
             self.keys = RowKeys(self.rows, [self._valid(r) for r in self.rows])
         keys = [self._in_key_order(r, "keys", layer, r.heads(k)) for r in self.rows]
@@ -237,8 +237,7 @@ class BatchedCacheAttention:
         lo, hi = r.spec.offset, r.spec.offset + r.length
         return [cached[:, :lo], new, cached[:, hi:]]
 
-    @staticmethod
-    def _store(layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+    def _store(self, layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the window's K/V into the sequence's whole-canvas cache (allocated on first use).
 
         Positions outside the window keep what earlier forwards stored: Fast-dLLM's storing forwards
@@ -258,7 +257,7 @@ class BatchedCacheAttention:
         seq.kv.keys[layer][r.row, :, lo:hi] = k
         seq.kv.values[layer][r.row, :, lo:hi] = v
         if layer == 0:  # the same for every layer
-            seq.kv.valid[r.row, lo:hi] = valid
+            seq.kv.valid[r.row, lo:hi] = r.tokens(self.new_valid)
 
 
 def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
