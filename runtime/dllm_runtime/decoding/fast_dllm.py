@@ -34,7 +34,11 @@ from dllm_runtime.decoding.llada import (
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     apply_transfer,
+    GreedyCommits,
+    first_max_segments,
+    per_candidate,
     quota,
+    top_k_segments,
     transfer_factor,
     transfer_fixed_or_threshold,
 )
@@ -125,21 +129,50 @@ class FastDLLMPolicy(DecodingPolicy):
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """`logits` `(1, n, V)` at the window's `n` candidate slots (`ForwardSpec.logits_at`)."""
         st, cfg = seq.state, self.config
-        s, e = block_span(seq, self.config.block_length)
         step = st["step"]
-        if step == 0 or cfg.cache == "none":
-            lo, hi = 0, seq.length  # full canvas; earlier leftover masks stay eligible
-        elif cfg.cache == "prefix":
-            lo, hi = s, seq.length
-            if cfg.temperature > 0:  # upstream draws Gumbel noise for the slice and discards it
-                seq.rng.rand((1, hi - lo, logits.shape[-1]), torch.float64, logits.device)
-        else:
-            lo, hi = s, e
-        window = seq.canvas[:, lo:hi]
+        window = self._committed_window(seq)
+        if cfg.cache == "prefix" and step > 0 and cfg.temperature > 0:
+            # upstream draws Gumbel noise for the slice and discards it
+            seq.rng.rand((1, window.shape[1], logits.shape[-1]), torch.float64, logits.device)
         mask = st["candidates"]  # the window `plan` chose, the same (lo, hi)
         x0, transfer = self._transfer(seq, logits[0], mask, window, step)
         apply_transfer(window, transfer, x0)  # a view: writes into seq.canvas
         st["step"] = step + 1  # whether the block is over is decided at the next `plan`
+
+    def _committed_window(self, seq: Sequence) -> torch.Tensor:
+        """The canvas view this step's forward covered (and `commit` writes into)."""
+        if seq.state["step"] == 0 or self.config.cache == "none":
+            return seq.canvas  # full canvas; earlier leftover masks stay eligible
+        s, e = block_span(seq, self.config.block_length)
+        return seq.canvas[:, s:] if self.config.cache == "prefix" else seq.canvas[:, s:e]
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax tokens committed by probability, by threshold or fixed quota: what `commit_many` batches."""
+        cfg = self.config
+        return cfg.temperature == 0 and cfg.remasking == "low_confidence" and cfg.factor is None
+
+    @classmethod
+    def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
+        """Greedy sequences in one go: one argmax/softmax over all their candidates, then each one's
+        threshold rule (plus its most confident slot) or fixed quota (`top_k_segments`), one write per
+        window. A fixed quota whose boundary is a tie is left to `commit` (the reference's sort decides)."""
+        members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, FastDLLMPolicy) and policy.greedy]
+        if len(members) < 2:  # alone, `commit`'s own ops are fewer
+            return list(range(len(items)))
+        batch = GreedyCommits(items, members, torch.float64)
+        probs, counts = batch.probs, batch.counts
+        thresholds = [policy.config.threshold for policy in batch.policies]
+        quotas = [0 if t is not None else cls._quota(s, n) for s, t, n in zip(batch.seqs, thresholds, counts)]
+        chosen, tied = top_k_segments(probs, counts, quotas)  # the fixed rule (nothing for threshold rules)
+        limits = per_candidate([torch.inf if t is None else t for t in thresholds], counts, probs)
+        by_threshold = per_candidate([t is not None for t in thresholds], counts, probs) > 0
+        chosen |= (probs >= limits) | (first_max_segments(probs, counts) & by_threshold)
+        windows = [policy._committed_window(seq) for policy, seq in zip(batch.policies, batch.seqs)]
+        written = batch.write(chosen, tied, windows)
+        for j in written:
+            batch.seqs[j].state["step"] += 1
+        return batch.left(written)
 
     def _block_finished(self, seq: Sequence) -> bool:
         """Upstream's loop exit: no mask left in the block (of ANY row), or the dual cache's step bound.
@@ -156,6 +189,14 @@ class FastDLLMPolicy(DecodingPolicy):
         group = st.get("batch_group") or [seq]
         return not any(bool((m.canvas[0, s:e] == m.special.mask).any()) for m in group)
 
+    @staticmethod
+    def _quota(seq: Sequence, candidates: int) -> int:
+        """The fixed rule's tokens for this step. The quota always completes a block within
+        steps_per_block steps; past that (never reached by the reference) take every remaining
+        mask so the loop cannot stall."""
+        budget, step = seq.state["quota"], seq.state["step"]
+        return budget[step] if step < len(budget) else candidates
+
     def _transfer(
         self, seq: Sequence, logits: torch.Tensor, mask: torch.Tensor, window: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +205,7 @@ class FastDLLMPolicy(DecodingPolicy):
             return transfer_factor(
                 logits, cfg.temperature, cfg.remasking, mask, window, cfg.factor, seq.rng, cfg.top_k, cfg.top_p
             )
-        k = None
-        if cfg.threshold is None:
-            budget = seq.state["quota"]
-            # the quota always completes a block within steps_per_block steps; past that (never
-            # reached by the reference) take every remaining mask so the loop cannot stall
-            k = [budget[step]] if step < len(budget) else [int(mask.sum())]
+        k = None if cfg.threshold is not None else [self._quota(seq, int(mask.sum()))]
         return transfer_fixed_or_threshold(
             logits, cfg.temperature, cfg.remasking, mask, window, k, cfg.threshold, seq.rng, cfg.top_k, cfg.top_p
         )

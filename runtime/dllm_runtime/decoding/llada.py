@@ -18,10 +18,12 @@ from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, 
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     apply_transfer,
+    GreedyCommits,
     gather_prob,
     gumbel_argmax,
     quota,
     scatter_candidates,
+    top_k_segments,
     topk_rows,
 )
 from dllm_runtime.decoding.registry import (
@@ -135,10 +137,37 @@ class LLaDAPolicy(DecodingPolicy):
         x0, confidence = scatter_candidates(x, candidates, x0_sel, p_sel, -torch.inf)
         transfer = topk_rows(confidence, [st["quota"][st["step"]]])
         apply_transfer(x, transfer, x0)
+        self._next_step(st)
+
+    @staticmethod
+    def _next_step(st: dict) -> None:
         st["step"] += 1
         if st["step"] == st["steps_per_block"]:
             st["step"] = 0
             st["block"] += 1
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax tokens, committed by probability, no CFG or EOS edits: what `commit_many` batches."""
+        cfg = self.config
+        plain = not (cfg.cfg_scale > 0 or cfg.logits_eos_inf or cfg.confidence_eos_eot_inf)
+        return plain and cfg.temperature == 0 and cfg.remasking == "low_confidence"
+
+    @classmethod
+    def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
+        """Greedy sequences in one go: one argmax/softmax over all their candidates, one selection of
+        each step's quota (`top_k_segments`), one write per canvas. A sequence whose quota boundary
+        is a tie is left to `commit`, whose full-row `topk` breaks it as the reference does."""
+        members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, LLaDAPolicy) and policy.greedy]
+        if len(members) < 2:  # alone, `commit`'s own ops are fewer
+            return list(range(len(items)))
+        batch = GreedyCommits(items, members, items[members[0]][2].dtype)  # softmax in the logits' dtype
+        quotas = [seq.state["quota"][seq.state["step"]] for seq in batch.seqs]
+        chosen, tied = top_k_segments(batch.probs, batch.counts, quotas)
+        written = batch.write(chosen, tied, [seq.canvas for seq in batch.seqs])
+        for j in written:
+            cls._next_step(batch.seqs[j].state)
+        return batch.left(written)
 
 
 # ---------------------------------------------------------------------------- registry entries

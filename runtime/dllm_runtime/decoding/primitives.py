@@ -8,9 +8,14 @@ Every random draw goes through the sequence's `RandomSource`, in the reference's
 
 from __future__ import annotations
 
-import torch
+from itertools import accumulate
 
-from dllm_runtime.decoding.base import RandomSource
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from dllm_runtime.decoding.base import RandomSource, Sequence
 
 
 def gumbel(logits: torch.Tensor, temperature: float, rng: RandomSource) -> torch.Tensor:
@@ -111,6 +116,84 @@ def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
             _, idx = torch.topk(confidence[j], k=int(k))
             transfer[j, idx] = True
     return transfer
+
+
+# ---------------------------------------------------------------------------- batched greedy commits
+# Several sequences' candidate rows end to end ("segments"): the ops a greedy (T = 0) step needs, once
+# for the whole batch instead of a dozen small ops per sequence. Every op here is per position or
+# picks per segment exactly what the reference's op on the sequence's own row picks, so results are
+# the same as the per-sequence path; where the reference's choice depends on its tie order, the
+# segment is reported back and the caller runs the reference op for it.
+
+
+class GreedyCommits:
+    """The greedy members of one `commit_many` call: `items[i]` for i in `members`, their candidate
+    rows end to end, with each row's argmax token and its softmax probability (in `prob_dtype`)."""
+
+    def __init__(self, items: list[tuple[Any, Sequence, torch.Tensor]], members: list[int], prob_dtype: torch.dtype):
+        self.items, self.members = items, members
+        self.policies = [items[i][0] for i in members]
+        self.seqs = [items[i][1] for i in members]
+        self.counts = [items[i][2].shape[1] for i in members]  # candidates per sequence (R = 1)
+        flat = torch.cat([items[i][2][0] for i in members])
+        self.tokens = torch.argmax(flat, dim=-1)
+        self.probs = gather_prob(torch.softmax(flat.to(prob_dtype), dim=-1), self.tokens)
+
+    def write(self, chosen: torch.Tensor, skip: list[int], targets: list[torch.Tensor]) -> list[int]:
+        """Commit the `chosen` candidates into each member's `target` canvas view (whose candidate
+        mask is its `state["candidates"]`), except members `skip`. Returns the members written."""
+        values = torch.where(chosen, self.tokens, self.seqs[0].special.mask)  # the rest stay masked
+        written = [j for j in range(len(self.seqs)) if j not in skip]
+        segments = values.split(self.counts)
+        for j in written:
+            targets[j].masked_scatter_(self.seqs[j].state["candidates"], segments[j])
+        return written
+
+    def left(self, written: list[int]) -> list[int]:
+        """The indices of `items` still to commit one by one."""
+        return sorted({*range(len(self.items))} - {self.members[j] for j in written})
+
+
+def per_candidate(values: list, counts: list[int], like: torch.Tensor) -> torch.Tensor:
+    """One value per segment, repeated over its candidates: flat, in `like`'s dtype and device."""
+    spread = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return spread.repeat_interleave(torch.tensor(counts, device=like.device), output_size=like.numel())
+
+
+def _segments(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`(S, max n_i)`: segment i in row i, -inf after its end."""
+    return pad_sequence(list(values.split(counts)), batch_first=True, padding_value=-torch.inf)
+
+
+def top_k_segments(conf: torch.Tensor, counts: list[int], ks: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Per segment, its `ks[i]` largest confidences (all of them when `ks[i] >= counts[i]`) -> flat bool.
+
+    Equals `topk` over the sequence's full row (non-candidates at -inf) whenever the choice is
+    unique. When the k-th and (k+1)-th largest are equal, `topk` keeps whichever its kernel's tie
+    order keeps: such segments are returned as ambiguous (their flags here are not to be used).
+    """
+    ks = [max(0, min(k, n)) for k, n in zip(ks, counts)]
+    chosen = torch.zeros_like(conf, dtype=torch.bool)
+    if max(ks, default=0) == 0:
+        return chosen, []
+    padded = _segments(conf, counts)
+    k = torch.tensor(ks, device=conf.device)
+    kth = torch.topk(padded, max(ks), dim=1).values.gather(1, (k - 1).clamp(min=0)[:, None])  # (S, 1)
+    kth = torch.where(k[:, None] > 0, kth, torch.inf)  # k = 0: nothing reaches +inf
+    ambiguous = ((padded >= kth).sum(dim=1) > k).nonzero()[:, 0].tolist()
+    n = torch.tensor(counts, device=conf.device)
+    return conf >= kth[:, 0].repeat_interleave(n, output_size=conf.numel()), ambiguous
+
+
+def first_max_segments(conf: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Flat bool: each non-empty segment's first largest confidence (`argmax` over its row)."""
+    chosen = torch.zeros_like(conf, dtype=torch.bool)
+    starts = [0, *accumulate(counts)][:-1]
+    live = [i for i, n in enumerate(counts) if n]
+    if live:
+        best = torch.argmax(_segments(conf, counts), dim=1) + torch.tensor(starts, device=conf.device)
+        chosen[best[live]] = True
+    return chosen
 
 
 def fast_predict(

@@ -19,12 +19,12 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, RandomSource, Sequence
+from dllm_runtime.decoding.base import DecodingPolicy, RandomSource, Sequence, generation_ids
 from dllm_runtime.engine.config import EngineConfig
 from dllm_runtime.engine.detokenizer import IncrementalDetokenizer
 from dllm_runtime.engine.request import (
@@ -66,8 +66,8 @@ class _Tracked:
     first_step: float | None = None
     first_token: float | None = None
     steps: int = 0
-    prefix_seen: int = 0  # committed-prefix length already scanned for stop ids
-    prefix_emitted: int = 0  # committed-prefix length already handed to the detokenizer
+    prefix_seen: int = 0  # finalised-prefix length already read from the canvas
+    answer: list[int] = field(default_factory=list)  # the finalised answer tokens, cut at a stop id
     error: str | None = None
     done: bool = False  # final output handed to the loop
     running: bool = False
@@ -98,7 +98,7 @@ class AsyncEngine:
         self.device = param.device if param is not None else torch.device("cpu")
         self._element_size = param.element_size() if param is not None else 4
         self._min_tokens = self.config.resolved_min_forward_tokens(self.device)
-        self._stop_ids = torch.tensor(model.special_ids.stop_ids(), dtype=torch.long, device=self.device)
+        self._stop_ids = frozenset(model.special_ids.stop_ids())
 
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -342,9 +342,9 @@ class AsyncEngine:
         start = time.perf_counter()
         batch = [(t.seq, t.policy) for t in self._running]
         by_seq = {id(t.seq): t for t in self._running}
-        for t in self._running:
-            if t.masked < 0:
-                t.masked = t.seq.mask_progress()[0]
+        fresh = [t for t in self._running if t.masked < 0]
+        for t, gen in zip(fresh, generation_ids([t.seq for t in fresh])):
+            t.masked = gen.count(t.seq.special.mask)
         self._outbox = {}
 
         def on_error(seq: Sequence, exc: Exception) -> None:
@@ -355,13 +355,14 @@ class AsyncEngine:
         committed = 0
         try:
             result = run_step(self.model, batch, on_error=on_error, min_tokens=self._min_tokens)
-            for tracked in list(self._running):
+            running = list(self._running)
+            for tracked, gen in zip(running, generation_ids([t.seq for t in running])):
                 tracked.steps += 1
-                masked, prefix_len = tracked.seq.mask_progress()
+                masked = gen.count(tracked.seq.special.mask)
                 committed += tracked.masked - masked
                 tracked.masked = masked
                 try:
-                    self._advance(tracked, prefix_len)
+                    self._advance(tracked, gen, gen.index(tracked.seq.special.mask) if masked else len(gen))
                 except Exception as exc:  # e.g. a tokenizer that cannot decode: this request only
                     logger.exception("request %s failed after its step", tracked.request.request_id)
                     self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
@@ -390,36 +391,36 @@ class AsyncEngine:
                 ),
             )
 
-    def _advance(self, tracked: _Tracked, prefix_len: int) -> None:
+    def _advance(self, tracked: _Tracked, gen: list[int], prefix_len: int) -> None:
         """After a step: emit the newly finalised text, and finish the request when it is done.
 
-        `prefix_len`: the generated tokens finalised left to right (`Sequence.mask_progress`).
+        `gen`: the sequence's generation slots; `prefix_len`: how many are final, left to right (up
+        to the first still-masked slot). The answer so far is kept as a list, extended by new ones.
         """
         if tracked.error is not None:
             self._finish(tracked, "error", tracked.error)
             return
         seq = tracked.seq
-        gen = seq.canvas[0, seq.prompt_len : seq.prompt_len + tracked.max_tokens]
-        prefix_len = gen.numel() if seq.finished else min(prefix_len, gen.numel())
+        prefix_len = tracked.max_tokens if seq.finished else min(prefix_len, tracked.max_tokens)
         reason: FinishReason | None = None
-        # early stop: EOS/EoT inside the finalised prefix ends the answer, the rest of the canvas is moot
-        if prefix_len > tracked.prefix_seen and not tracked.ignore_eos:
-            hits = torch.isin(gen[tracked.prefix_seen : prefix_len], self._stop_ids).nonzero()
-            if hits.numel():
-                prefix_len = tracked.prefix_seen + int(hits[0, 0])
-                reason = "stop"
+        new: list[int] = []
+        if prefix_len > tracked.prefix_seen:
+            new = gen[tracked.prefix_seen : prefix_len]
             tracked.prefix_seen = prefix_len
+            if seq.finished:
+                # the policy may end with slots still masked (e.g. a dual-cache run out of steps): keep
+                # what was decoded, drop the holes
+                new = [t for t in new if t != seq.special.mask]
+            # early stop: EOS/EoT inside the finalised prefix ends the answer, the rest of the canvas is moot
+            stops = [] if tracked.ignore_eos else [i for i, t in enumerate(new) if t in self._stop_ids]
+            if stops:
+                new, reason = new[: stops[0]], "stop"
+            tracked.answer.extend(new)
         if reason is None and (prefix_len >= tracked.max_tokens or seq.finished):
             reason = "length"
-        if reason is None and prefix_len == tracked.prefix_emitted:
+        if reason is None and not new:
             return  # nothing newly finalised this step
-        tracked.prefix_emitted = prefix_len
-        tokens = gen[:prefix_len]
-        if seq.finished:
-            # the policy may end with slots still masked (e.g. a dual-cache run out of steps): keep
-            # what was decoded, drop the holes
-            tokens = tokens[tokens != seq.special.mask]
-        text, ids = tracked.detok.update(tokens.tolist(), final=reason is not None)
+        text, ids = tracked.detok.update(tracked.answer, final=reason is not None)
         if tracked.detok.stopped:
             reason = "stop"
         if reason is not None:

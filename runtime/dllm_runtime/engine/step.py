@@ -14,6 +14,7 @@ references bit for bit.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable
@@ -23,6 +24,8 @@ import torch
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, KVCache, Sequence
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa, varlen_attention, varlen_available
 from dllm_runtime.models.base import AttentionContext, DiffusionModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -324,7 +327,7 @@ def batched_forward(
     out, i = [], 0
     for _, spec in work:  # a row's chunk is (n, V) for its `logits_at`, else (T, V)
         n = spec.input_ids.shape[0]
-        out.append(torch.stack(selected[i : i + n]))
+        out.append(selected[i][None] if n == 1 else torch.stack(selected[i : i + n]))  # a view when it can
         i += n
     return out
 
@@ -427,18 +430,42 @@ def run_step(
             return StepResult()
         work, logits = _isolate_forward(model, work, on_error, min_tokens)
     result = StepResult()
-    for (seq, spec, policy), seq_logits in zip(work, logits):
+    for seq, spec, _ in work:
         seq.nfe += 1
         result.sequences += 1
         result.rows += spec.input_ids.shape[0]
-        result.tokens += int(spec.input_ids.numel() if spec.valid is None else spec.valid.sum())
+        result.tokens += spec.input_ids.numel() if spec.valid is None else int(spec.valid.sum())
+    for i in _commit_batched(work, logits, on_error):
+        seq, _, policy = work[i]
         try:
-            policy.commit(seq, seq_logits)
+            policy.commit(seq, logits[i])
         except Exception as exc:
             if on_error is None:
                 raise
             _fail(seq, exc, on_error)
     return result
+
+
+def _commit_batched(
+    work: list[tuple[Sequence, ForwardSpec, DecodingPolicy]], logits: list[torch.Tensor], on_error: ErrorHandler | None
+) -> list[int]:
+    """Each policy class commits its sequences together (`DecodingPolicy.commit_many`); returns the
+    indices of `work` still to commit one by one. A class whose batched commit raises has written
+    nothing (the method's contract), so its sequences are retried one by one and only a failing one fails."""
+    by_class: dict[type, list[int]] = {}
+    for i, (_, _, policy) in enumerate(work):
+        by_class.setdefault(type(policy), []).append(i)
+    left = []
+    for cls, indices in by_class.items():
+        try:
+            rest = cls.commit_many([(work[i][2], work[i][0], logits[i]) for i in indices])
+        except Exception:
+            if on_error is None:
+                raise
+            logger.warning("batched commit of %s failed, retrying one by one", cls.__name__, exc_info=True)
+            rest = range(len(indices))
+        left += [indices[r] for r in rest]
+    return sorted(left)
 
 
 def _fail(seq: Sequence, exc: Exception, on_error: ErrorHandler) -> None:
