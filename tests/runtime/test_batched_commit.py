@@ -14,50 +14,39 @@ import torch
 from dllm_runtime.decoding.base import DecodingPolicy, Sequence
 from dllm_runtime.decoding.fast_dllm import FastDLLMConfig, FastDLLMPolicy
 from dllm_runtime.decoding.llada import LLaDAConfig, LLaDAPolicy
-from dllm_runtime.decoding.primitives import first_max_segments, top_k_segments
+from dllm_runtime.decoding.primitives import threshold_choice, top_k_choice
 from dllm_runtime.engine.step import run_step, run_to_completion
 from tests.runtime.golden_replay import new_seq, one_thread, tiny_model  # noqa: F401
 
 V = 256
 
 
-def full_rows(conf: torch.Tensor, counts: list[int], floor: float) -> torch.Tensor:
-    """Each segment in a row of its own, after a few non-candidate slots and with more after it,
-    as the references lay confidences out over the whole canvas."""
-    rows = torch.full((len(counts), 3 + max(counts, default=0) + 2), floor, dtype=conf.dtype)
-    for i, segment in enumerate(conf.split(counts)):
-        rows[i, 3 : 3 + len(segment)] = segment
-    return rows
+def full_row(confidence: list[float]) -> torch.Tensor:
+    """One sequence's candidates laid out as the references see them: among non-candidate slots."""
+    return torch.tensor([-torch.inf] * 3 + confidence + [-torch.inf] * 2)
 
 
-def test_top_k_segments_match_topk_over_full_rows_and_report_tied_boundaries() -> None:
-    gen = torch.Generator().manual_seed(0)
-    counts, ks = [5, 0, 7, 3, 6, 4], [2, 1, 7, 0, 3, 9]
-    conf = torch.rand(sum(counts), generator=gen)
-    conf[16:22] = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1, 0.2])  # segment 4: 3rd and 4th largest tie
-    chosen, tied = top_k_segments(conf, counts, ks)
-    assert tied == [4]
-    rows = full_rows(conf, counts, -torch.inf)
-    picked = full_rows(chosen.float(), counts, 0.0).bool()
-    for i, (n, k) in enumerate(zip(counts, ks)):
-        if i in tied:
-            continue
-        expected = torch.zeros_like(picked[i])
-        if min(k, n):  # beyond the candidates `topk` picks -inf slots, which commit nothing
-            expected[torch.topk(rows[i], min(k, n)).indices] = True
-        assert torch.equal(picked[i], expected), i
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 6])
+def test_top_k_choice_picks_what_topk_over_the_full_row_picks(k: int) -> None:
+    confidence = torch.rand(5, generator=torch.Generator().manual_seed(k)).tolist()
+    choice = top_k_choice(confidence, k)
+    expected = torch.zeros(10, dtype=torch.bool)
+    expected[torch.topk(full_row(confidence), min(k, 5)).indices] = True  # past 5: -inf slots, no commit
+    assert choice == expected[3:8].tolist()
 
 
-def test_first_max_segments_takes_the_first_of_equal_maxima_like_argmax() -> None:
-    counts = [4, 0, 3, 1]
-    conf = torch.tensor([0.2, 0.7, 0.1, 0.7, 0.3, 0.3, 0.3, 0.0], dtype=torch.float64)
-    chosen = first_max_segments(conf, counts)
-    assert chosen.tolist() == [False, True, False, False, True, False, False, True]
-    rows = full_rows(conf, counts, torch.finfo(torch.float64).min)
-    flags = full_rows(chosen.double(), counts, 0.0)
-    for i, n in enumerate(counts):
-        if n:
-            assert flags[i, torch.argmax(rows[i])] == 1
+def test_top_k_choice_declines_a_tied_boundary_and_nan() -> None:
+    assert top_k_choice([0.9, 0.5, 0.5, 0.1], 2) is None  # topk's tie order would decide
+    assert top_k_choice([0.9, 0.5, 0.5, 0.1], 3) == [True, True, True, False]  # a tie inside the top is fine
+    assert top_k_choice([0.5, 0.5], 2) == [True, True]
+    assert top_k_choice([0.9, float("nan"), 0.1], 1) is None
+
+
+def test_threshold_choice_adds_the_first_most_confident() -> None:
+    assert threshold_choice([0.2, 0.7, 0.1, 0.7], 0.9) == [False, True, False, False]  # argmax: first maximum
+    assert threshold_choice([0.95, 0.7, 0.91], 0.9) == [True, False, True]
+    assert threshold_choice([], 0.9) == []
+    assert threshold_choice([0.2, float("nan")], 0.9) is None
 
 
 def logits_with_ties(spec, gen: torch.Generator) -> torch.Tensor:

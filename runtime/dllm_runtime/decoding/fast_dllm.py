@@ -35,10 +35,9 @@ from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     apply_transfer,
     GreedyCommits,
-    first_max_segments,
-    per_candidate,
     quota,
-    top_k_segments,
+    threshold_choice,
+    top_k_choice,
     transfer_factor,
     transfer_fixed_or_threshold,
 )
@@ -154,22 +153,22 @@ class FastDLLMPolicy(DecodingPolicy):
 
     @classmethod
     def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
-        """Greedy sequences in one go: one argmax/softmax over all their candidates, then each one's
-        threshold rule (plus its most confident slot) or fixed quota (`top_k_segments`), one write per
-        window. A fixed quota whose boundary is a tie is left to `commit` (the reference's sort decides)."""
+        """Greedy sequences in one go (`GreedyCommits`): each applies its threshold rule or fixed quota.
+        A fixed quota whose boundary is a tie is left to `commit` (the reference's sort decides)."""
         members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, FastDLLMPolicy) and policy.greedy]
         if len(members) < 2:  # alone, `commit`'s own ops are fewer
             return list(range(len(items)))
         batch = GreedyCommits(items, members, torch.float64)
-        probs, counts = batch.probs, batch.counts
-        thresholds = [policy.config.threshold for policy in batch.policies]
-        quotas = [0 if t is not None else cls._quota(s, n) for s, t, n in zip(batch.seqs, thresholds, counts)]
-        chosen, tied = top_k_segments(probs, counts, quotas)  # the fixed rule (nothing for threshold rules)
-        limits = per_candidate([torch.inf if t is None else t for t in thresholds], counts, probs)
-        by_threshold = per_candidate([t is not None for t in thresholds], counts, probs) > 0
-        chosen |= (probs >= limits) | (first_max_segments(probs, counts) & by_threshold)
-        windows = [policy._committed_window(seq) for policy, seq in zip(batch.policies, batch.seqs)]
-        written = batch.write(chosen, tied, windows)
+        chosen = {}
+        for j, (policy, seq, probs) in enumerate(zip(batch.policies, batch.seqs, batch.probs)):
+            threshold = policy.config.threshold
+            if threshold is not None:
+                choice = threshold_choice(probs, threshold)
+            else:
+                choice = top_k_choice(probs, cls._quota(seq, len(probs)))
+            if choice is not None:
+                chosen[j] = choice
+        written = batch.write(chosen, [p._committed_window(s) for p, s in zip(batch.policies, batch.seqs)])
         for j in written:
             batch.seqs[j].state["step"] += 1
         return batch.left(written)

@@ -23,7 +23,7 @@ from dllm_runtime.decoding.primitives import (
     gumbel_argmax,
     quota,
     scatter_candidates,
-    top_k_segments,
+    top_k_choice,
     topk_rows,
 )
 from dllm_runtime.decoding.registry import (
@@ -155,16 +155,19 @@ class LLaDAPolicy(DecodingPolicy):
 
     @classmethod
     def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
-        """Greedy sequences in one go: one argmax/softmax over all their candidates, one selection of
-        each step's quota (`top_k_segments`), one write per canvas. A sequence whose quota boundary
-        is a tie is left to `commit`, whose full-row `topk` breaks it as the reference does."""
+        """Greedy sequences in one go (`GreedyCommits`): each takes its step's quota of most confident
+        candidates. One whose quota boundary is a tie is left to `commit`, whose full-row `topk` breaks
+        it as the reference does."""
         members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, LLaDAPolicy) and policy.greedy]
         if len(members) < 2:  # alone, `commit`'s own ops are fewer
             return list(range(len(items)))
         batch = GreedyCommits(items, members, items[members[0]][2].dtype)  # softmax in the logits' dtype
-        quotas = [seq.state["quota"][seq.state["step"]] for seq in batch.seqs]
-        chosen, tied = top_k_segments(batch.probs, batch.counts, quotas)
-        written = batch.write(chosen, tied, [seq.canvas for seq in batch.seqs])
+        chosen = {}
+        for j, seq in enumerate(batch.seqs):
+            choice = top_k_choice(batch.probs[j], seq.state["quota"][seq.state["step"]])
+            if choice is not None:
+                chosen[j] = choice
+        written = batch.write(chosen, [seq.canvas for seq in batch.seqs])
         for j in written:
             cls._next_step(batch.seqs[j].state)
         return batch.left(written)

@@ -13,7 +13,6 @@ from itertools import accumulate
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from dllm_runtime.decoding.base import RandomSource, Sequence
 
@@ -119,16 +118,16 @@ def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- batched greedy commits
-# Several sequences' candidate rows end to end ("segments"): the ops a greedy (T = 0) step needs, once
-# for the whole batch instead of a dozen small ops per sequence. Every op here is per position or
-# picks per segment exactly what the reference's op on the sequence's own row picks, so results are
-# the same as the per-sequence path; where the reference's choice depends on its tie order, the
-# segment is reported back and the caller runs the reference op for it.
+# The greedy (T = 0) step of many sequences at once: one argmax and one softmax over every
+# candidate row of the batch, one read of the confidences, then each sequence's rule picks its slots
+# on the host (a few comparisons each, where tensor ops would cost a kernel call per op), one write
+# per canvas. A rule picks exactly what the reference's op over the sequence's own row picks; where
+# that op would decide by its tie order, the rule declines and the sequence runs the reference op.
 
 
 class GreedyCommits:
-    """The greedy members of one `commit_many` call: `items[i]` for i in `members`, their candidate
-    rows end to end, with each row's argmax token and its softmax probability (in `prob_dtype`)."""
+    """The greedy members of one `commit_many` call (`items[i]` for i in `members`): each candidate
+    row's argmax token, and per member its candidates' softmax probabilities (in `prob_dtype`)."""
 
     def __init__(self, items: list[tuple[Any, Sequence, torch.Tensor]], members: list[int], prob_dtype: torch.dtype):
         self.items, self.members = items, members
@@ -137,63 +136,47 @@ class GreedyCommits:
         self.counts = [items[i][2].shape[1] for i in members]  # candidates per sequence (R = 1)
         flat = torch.cat([items[i][2][0] for i in members])
         self.tokens = torch.argmax(flat, dim=-1)
-        self.probs = gather_prob(torch.softmax(flat.to(prob_dtype), dim=-1), self.tokens)
+        probs = gather_prob(torch.softmax(flat.to(prob_dtype), dim=-1), self.tokens).tolist()
+        starts = [0, *accumulate(self.counts)]
+        self.probs: list[list[float]] = [probs[lo:hi] for lo, hi in zip(starts, starts[1:])]
 
-    def write(self, chosen: torch.Tensor, skip: list[int], targets: list[torch.Tensor]) -> list[int]:
-        """Commit the `chosen` candidates into each member's `target` canvas view (whose candidate
-        mask is its `state["candidates"]`), except members `skip`. Returns the members written."""
-        values = torch.where(chosen, self.tokens, self.seqs[0].special.mask)  # the rest stay masked
-        written = [j for j in range(len(self.seqs)) if j not in skip]
-        segments = values.split(self.counts)
-        for j in written:
+    def write(self, chosen: dict[int, list[bool]], targets: list[torch.Tensor]) -> list[int]:
+        """Commit member j's `chosen[j]` candidates into its canvas view `targets[j]` (whose candidate
+        mask is its `state["candidates"]`); members without a choice are skipped. Returns those written."""
+        flags = [flag for j, n in enumerate(self.counts) for flag in chosen.get(j, [False] * n)]
+        values = torch.where(torch.tensor(flags, device=self.tokens.device), self.tokens, self.seqs[0].special.mask)
+        segments = values.split(self.counts)  # unchosen candidates stay masked
+        for j in chosen:
             targets[j].masked_scatter_(self.seqs[j].state["candidates"], segments[j])
-        return written
+        return sorted(chosen)
 
     def left(self, written: list[int]) -> list[int]:
         """The indices of `items` still to commit one by one."""
         return sorted({*range(len(self.items))} - {self.members[j] for j in written})
 
 
-def per_candidate(values: list, counts: list[int], like: torch.Tensor) -> torch.Tensor:
-    """One value per segment, repeated over its candidates: flat, in `like`'s dtype and device."""
-    spread = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return spread.repeat_interleave(torch.tensor(counts, device=like.device), output_size=like.numel())
+def top_k_choice(confidence: list[float], k: int) -> list[bool] | None:
+    """The `k` most confident candidates (all when `k` >= their number): what `topk` over the
+    sequence's full row picks (non-candidates there are -inf). None when the k-th and (k+1)-th
+    largest are equal or a NaN is present: then `topk`'s own tie order decides."""
+    n, k = len(confidence), max(0, min(k, len(confidence)))
+    if k in (0, n):
+        return [k > 0] * n
+    ranked = sorted(confidence, reverse=True)
+    if ranked[k] == ranked[k - 1] or any(c != c for c in confidence):
+        return None
+    return [c >= ranked[k - 1] for c in confidence]
 
 
-def _segments(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`(S, max n_i)`: segment i in row i, -inf after its end."""
-    return pad_sequence(list(values.split(counts)), batch_first=True, padding_value=-torch.inf)
-
-
-def top_k_segments(conf: torch.Tensor, counts: list[int], ks: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Per segment, its `ks[i]` largest confidences (all of them when `ks[i] >= counts[i]`) -> flat bool.
-
-    Equals `topk` over the sequence's full row (non-candidates at -inf) whenever the choice is
-    unique. When the k-th and (k+1)-th largest are equal, `topk` keeps whichever its kernel's tie
-    order keeps: such segments are returned as ambiguous (their flags here are not to be used).
-    """
-    ks = [max(0, min(k, n)) for k, n in zip(ks, counts)]
-    chosen = torch.zeros_like(conf, dtype=torch.bool)
-    if max(ks, default=0) == 0:
-        return chosen, []
-    padded = _segments(conf, counts)
-    k = torch.tensor(ks, device=conf.device)
-    kth = torch.topk(padded, max(ks), dim=1).values.gather(1, (k - 1).clamp(min=0)[:, None])  # (S, 1)
-    kth = torch.where(k[:, None] > 0, kth, torch.inf)  # k = 0: nothing reaches +inf
-    ambiguous = ((padded >= kth).sum(dim=1) > k).nonzero()[:, 0].tolist()
-    n = torch.tensor(counts, device=conf.device)
-    return conf >= kth[:, 0].repeat_interleave(n, output_size=conf.numel()), ambiguous
-
-
-def first_max_segments(conf: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Flat bool: each non-empty segment's first largest confidence (`argmax` over its row)."""
-    chosen = torch.zeros_like(conf, dtype=torch.bool)
-    starts = [0, *accumulate(counts)][:-1]
-    live = [i for i, n in enumerate(counts) if n]
-    if live:
-        best = torch.argmax(_segments(conf, counts), dim=1) + torch.tensor(starts, device=conf.device)
-        chosen[best[live]] = True
-    return chosen
+def threshold_choice(confidence: list[float], threshold: float) -> list[bool] | None:
+    """Fast-dLLM's threshold rule: every candidate at or above `threshold`, plus the first most
+    confident one (`argmax`). None with a NaN present (`argmax` ranks it first; let the reference op)."""
+    if any(c != c for c in confidence):
+        return None
+    flags = [c >= threshold for c in confidence]
+    if confidence:
+        flags[confidence.index(max(confidence))] = True
+    return flags
 
 
 def fast_predict(
