@@ -52,10 +52,11 @@ class RowKeys:
     Each layer attends the same rows to key sets of the same lengths and padding; only the numbers
     differ. So the grouping of rows and their stacked key masks (with the host read that says whether
     a group needs one), or the varlen kernel's token index and cumulative lengths, are computed at the first
-    layer instead of in each layer. `valids[i]` `(K_i,)` marks row i's non-pad keys, in key order.
+    layer instead of in each layer. `valids[i]` `(K_i,)` marks row i's non-pad keys, in key order;
+    `valids=None`: every row attends to its own tokens, none of them padding (nothing to mask or read).
     """
 
-    def __init__(self, rows: list[_Row], valids: list[torch.Tensor]) -> None:
+    def __init__(self, rows: list[_Row], valids: list[torch.Tensor] | None) -> None:
         self.rows = rows
         self.valids = valids
         self._groups: list[tuple[int, list[int], torch.Tensor | None]] | None = None
@@ -87,10 +88,13 @@ class RowKeys:
         """`(query length, row indices, key mask or None when no key is padded)` per group."""
         if self._groups is None:
             by_shape: dict[tuple[int, int], list[int]] = {}
-            for i, (r, m) in enumerate(zip(self.rows, self.valids)):
-                by_shape.setdefault((r.length, m.shape[0]), []).append(i)
+            for i, r in enumerate(self.rows):
+                by_shape.setdefault((r.length, r.length if self.valids is None else self.valids[i].shape[0]), []).append(i)
             self._groups = []
             for (t, _), idx in by_shape.items():
+                if self.valids is None:
+                    self._groups.append((t, idx, None))
+                    continue
                 valid = torch.stack([self.valids[i] for i in idx])
                 self._groups.append((t, idx, None if bool(valid.all()) else valid))
         return self._groups
@@ -118,11 +122,15 @@ class RowKeys:
 
     def _varlen_plan(self, device: torch.device) -> _VarlenPlan:
         if self._varlen is None:
-            valid = torch.cat(self.valids).cpu()  # one device sync: the kernel takes the longest lengths as ints
             n_queries = [r.length for r in self.rows]
-            n_keys = [int(m.sum()) for m in valid.split([m.shape[0] for m in self.valids])]
+            if self.valids is None:
+                keep, n_keys = None, n_queries
+            else:
+                valid = torch.cat(self.valids).cpu()  # one device sync: the kernel takes the longest lengths as ints
+                n_keys = [int(m.sum()) for m in valid.split([m.shape[0] for m in self.valids])]
+                keep = None if bool(valid.all()) else valid.nonzero()[:, 0].to(device)
             self._varlen = _VarlenPlan(
-                keep=None if bool(valid.all()) else valid.nonzero()[:, 0].to(device),
+                keep=keep,
                 cu_q=_cu_seqlens(n_queries, device),
                 cu_k=_cu_seqlens(n_keys, device),
                 max_q=max(n_queries),
@@ -188,10 +196,10 @@ def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
 class RaggedAttention:
     """Full attention over each row's own tokens (no cache), invariant to batch composition."""
 
-    def __init__(self, rows: list[_Row], valid: torch.Tensor) -> None:
+    def __init__(self, rows: list[_Row], valid: torch.Tensor | None) -> None:
         self.rows = rows
-        self.valid = valid  # (B, T) of the model call, False = pad
-        self.keys = RowKeys(rows, [r.tokens(valid) for r in rows])
+        self.valid = valid  # (B, T) of the model call, False = pad; None: no row has padding
+        self.keys = RowKeys(rows, None if valid is None else [r.tokens(valid) for r in rows])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if use_varlen(q):  # a row's keys are its own tokens: no per-row work at all
@@ -298,16 +306,17 @@ def batched_forward(
         shape = (len(rows), max(rows[0].length, -(-min_tokens // len(rows))))
     ids = _lay_out([r.spec.input_ids[r.row] for r in rows], packed, shape, model.special_ids.pad)
     pos = _lay_out([r.spec.positions[r.row] for r in rows], packed, shape, 0)
-    valid = _lay_out([_row_mask(r, r.spec.valid) for r in rows], packed, shape, False)
-
     uses_cache = any(s.use_cache or s.store_cache for _, s in work)
+    valid = None  # no row has padding (caches keep their own validity, so those calls lay it out)
+    if uses_cache or any(spec.valid is not None for _, spec in work):
+        valid = _lay_out([_row_mask(r, r.spec.valid) for r in rows], packed, shape, False)
     if uses_cache:
         for seq, spec in work:
             if spec.store_cache:  # its window's K/V replace those positions; the rest stay (see `_store`)
                 seq.state["_num_layers"] = model.num_layers
         attention: AttentionContext = BatchedCacheAttention(rows, valid)
     elif not packed and rows[0].length == shape[1]:  # one shape, no padding: a plain batch is exact
-        attention = KeyMaskAttention(None if bool(valid.all()) else valid)
+        attention = KeyMaskAttention(None if valid is None or bool(valid.all()) else valid)
     else:
         attention = RaggedAttention(rows, valid)
     if not any(spec.logits_at is not None for _, spec in work):
@@ -349,8 +358,9 @@ def _logits_index(
     """
     wanted = _lay_out([_row_mask(r, r.spec.logits_at) for r in rows], packed, shape, False).flatten()
     index = wanted.nonzero()[:, 0]
-    row_ends = torch.tensor([r.b * shape[1] + r.start + r.length - 1 for r in rows], device=wanted.device)
-    counts = torch.diff(wanted.cumsum(0)[row_ends], prepend=row_ends.new_zeros(1)).tolist()
+    row_starts = [r.b * shape[1] + r.start for r in rows] + [wanted.numel()]
+    bounds = torch.searchsorted(index, torch.tensor(row_starts, device=index.device)).tolist()
+    counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     short = max(min_tokens, MIN_HEAD_ROWS) - index.numel()
     if short > 0:
         index = torch.cat([index, index.new_zeros(short)])
