@@ -93,7 +93,8 @@ class FastDLLMPolicy(DecodingPolicy):
             return None
         s, e = block_span(seq, self.config.block_length)
         if st["step"] == 0:
-            st["quota"] = quota(int((seq.canvas[0, s:e] == seq.special.mask).sum()), st["steps_per_block"])
+            self._count_masks(seq)
+            st["quota"] = quota(st["masks_in_block"], st["steps_per_block"])
             # with a cache, the block's first forward sees the whole canvas and (re)builds the cache
             return self._window(seq, 0, seq.length, store=self.config.cache != "none")
         if self.config.cache == "prefix":
@@ -137,6 +138,15 @@ class FastDLLMPolicy(DecodingPolicy):
         x0, transfer = self._transfer(seq, logits[0], mask, window, step)
         apply_transfer(window, transfer, x0)  # a view: writes into seq.canvas
         st["step"] = step + 1  # whether the block is over is decided at the next `plan`
+        self._count_masks(seq)
+
+    def _count_masks(self, seq: Sequence) -> None:
+        """Host copies of the masks left before the current block and inside it, from one read. The
+        block is over when none is left inside; `commit_many` keeps them current without reading."""
+        s, e = block_span(seq, self.config.block_length)
+        masked = seq.canvas[0, :e] == seq.special.mask
+        counts = torch.stack([masked[:s].sum(), masked[s:].sum()]).tolist()
+        seq.state["masks_before"], seq.state["masks_in_block"] = counts
 
     def _committed_window(self, seq: Sequence) -> torch.Tensor:
         """The canvas view this step's forward covered (and `commit` writes into)."""
@@ -168,9 +178,15 @@ class FastDLLMPolicy(DecodingPolicy):
                 choice = top_k_choice(probs, cls._quota(seq, len(probs)))
             if choice is not None:
                 chosen[j] = choice
-        written = batch.write(chosen, [p._committed_window(s) for p, s in zip(batch.policies, batch.seqs)])
+        windows = [policy._committed_window(seq) for policy, seq in zip(batch.policies, batch.seqs)]
+        written = batch.write(chosen, windows)
         for j in written:
-            batch.seqs[j].state["step"] += 1
+            st = batch.seqs[j].state
+            # candidates are in canvas order: those before the block come first, in a window from 0
+            before = st["masks_before"] if windows[j] is batch.seqs[j].canvas else 0
+            st["masks_before"] -= sum(chosen[j][:before])
+            st["masks_in_block"] -= sum(chosen[j][before:])
+            st["step"] += 1
         return batch.left(written)
 
     def _block_finished(self, seq: Sequence) -> bool:
@@ -178,15 +194,17 @@ class FastDLLMPolicy(DecodingPolicy):
 
         `seq.state["batch_group"]` lists the sequences that replay one batched reference call: upstream
         keeps forwarding rows whose block is complete (they commit nothing) until every row's block
-        is, and the conformance runner reproduces that. Alone, a sequence is its own group. Checked at
-        `plan` time, after every member has committed the previous step.
+        is, and the conformance runner reproduces that. Checked at `plan` time, after every member
+        has committed the previous step. Alone, the host count of the block's masks answers (no read).
         """
         st = seq.state
         if self.config.cache == "dual" and st["step"] >= st["steps_per_block"]:
             return True
-        s, e = block_span(seq, self.config.block_length)
-        group = st.get("batch_group") or [seq]
-        return not any(bool((m.canvas[0, s:e] == m.special.mask).any()) for m in group)
+        group = st.get("batch_group")
+        if group:  # members may already count masks of their next block: read this block of each canvas
+            s, e = block_span(seq, self.config.block_length)
+            return not any(bool((m.canvas[0, s:e] == m.special.mask).any()) for m in group)
+        return st["masks_in_block"] == 0
 
     @staticmethod
     def _quota(seq: Sequence, candidates: int) -> int:
