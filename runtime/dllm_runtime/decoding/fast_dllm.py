@@ -33,8 +33,8 @@ from dllm_runtime.decoding.llada import (
 )
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
-    apply_transfer,
     GreedyCommits,
+    apply_transfer,
     quota,
     threshold_choice,
     top_k_choice,
@@ -165,10 +165,9 @@ class FastDLLMPolicy(DecodingPolicy):
     def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
         """Greedy sequences in one go (`GreedyCommits`): each applies its threshold rule or fixed quota.
         A fixed quota whose boundary is a tie is left to `commit` (the reference's sort decides)."""
-        members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, FastDLLMPolicy) and policy.greedy]
-        if len(members) < 2:  # alone, `commit`'s own ops are fewer
+        batch = GreedyCommits.collect(items, prob_dtype=torch.float64)  # upstream's float64 confidences
+        if batch is None:
             return list(range(len(items)))
-        batch = GreedyCommits(items, members, torch.float64)
         chosen = {}
         for j, (policy, seq, probs) in enumerate(zip(batch.policies, batch.seqs, batch.probs)):
             threshold = policy.config.threshold

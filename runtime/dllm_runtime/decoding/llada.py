@@ -17,8 +17,8 @@ import torch
 from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
-    apply_transfer,
     GreedyCommits,
+    apply_transfer,
     gather_prob,
     gumbel_argmax,
     quota,
@@ -158,10 +158,9 @@ class LLaDAPolicy(DecodingPolicy):
         """Greedy sequences in one go (`GreedyCommits`): each takes its step's quota of most confident
         candidates. One whose quota boundary is a tie is left to `commit`, whose full-row `topk` breaks
         it as the reference does."""
-        members = [i for i, (policy, _, _) in enumerate(items) if isinstance(policy, LLaDAPolicy) and policy.greedy]
-        if len(members) < 2:  # alone, `commit`'s own ops are fewer
+        batch = GreedyCommits.collect(items, prob_dtype=None)  # the softmax in the logits' dtype, as upstream
+        if batch is None:
             return list(range(len(items)))
-        batch = GreedyCommits(items, members, items[members[0]][2].dtype)  # softmax in the logits' dtype
         chosen = {}
         for j, seq in enumerate(batch.seqs):
             choice = top_k_choice(batch.probs[j], seq.state["quota"][seq.state["step"]])

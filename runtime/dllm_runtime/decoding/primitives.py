@@ -9,7 +9,6 @@ Every random draw goes through the sequence's `RandomSource`, in the reference's
 from __future__ import annotations
 
 from itertools import accumulate
-
 from typing import Any
 
 import torch
@@ -128,6 +127,17 @@ def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
 class GreedyCommits:
     """The greedy members of one `commit_many` call (`items[i]` for i in `members`): each candidate
     row's argmax token, and per member its candidates' softmax probabilities (in `prob_dtype`)."""
+
+    @classmethod
+    def collect(
+        cls, items: list[tuple[Any, Sequence, torch.Tensor]], prob_dtype: torch.dtype | None
+    ) -> GreedyCommits | None:
+        """The items whose policy is `greedy`, or None when fewer than two are (alone, a policy's own
+        `commit` takes fewer ops). `prob_dtype` None: the softmax runs in the logits' dtype."""
+        members = [i for i, (policy, _, _) in enumerate(items) if policy.greedy]
+        if len(members) < 2:
+            return None
+        return cls(items, members, prob_dtype or items[members[0]][2].dtype)
 
     def __init__(self, items: list[tuple[Any, Sequence, torch.Tensor]], members: list[int], prob_dtype: torch.dtype):
         self.items, self.members = items, members

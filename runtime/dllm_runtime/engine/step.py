@@ -89,7 +89,8 @@ class RowKeys:
         if self._groups is None:
             by_shape: dict[tuple[int, int], list[int]] = {}
             for i, r in enumerate(self.rows):
-                by_shape.setdefault((r.length, r.length if self.valids is None else self.valids[i].shape[0]), []).append(i)
+                keys = r.length if self.valids is None else self.valids[i].shape[0]
+                by_shape.setdefault((r.length, keys), []).append(i)
             self._groups = []
             for (t, _), idx in by_shape.items():
                 if self.valids is None:
