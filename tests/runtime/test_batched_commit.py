@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 from dllm_runtime.decoding.base import DecodingPolicy, Sequence
+from dllm_runtime.decoding.dream import DreamPolicy, DreamSettings
 from dllm_runtime.decoding.fast_dllm import FastDLLMConfig, FastDLLMPolicy
 from dllm_runtime.decoding.llada import LLaDAConfig, LLaDAPolicy
 from dllm_runtime.decoding.primitives import threshold_choice, top_k_choice
 from dllm_runtime.engine.step import run_step, run_to_completion
+from dllm_runtime.models.dream import dream_position_ids
 from tests.runtime.golden_replay import new_seq, one_thread, tiny_model  # noqa: F401
 
 V = 256
@@ -67,17 +69,29 @@ def planned(policy: DecodingPolicy, prompt_len: int, slots: int, seed: int, step
     return seq, spec
 
 
+def dream(alg: str, temperature: float = 0.0) -> DreamPolicy:
+    return DreamPolicy(DreamSettings(steps=16, alg=alg, temperature=temperature), dream_position_ids)
+
+
 @pytest.mark.parametrize(
-    "make",
+    ("make", "make_sampled"),
     [
-        lambda: LLaDAPolicy(LLaDAConfig(steps=12, block_length=8)),
-        lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5)),
-        lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5, cache="dual")),
-        lambda: FastDLLMPolicy(FastDLLMConfig(steps=12, block_length=8)),  # fixed quota
+        (lambda: LLaDAPolicy(LLaDAConfig(steps=12, block_length=8)),
+         lambda: LLaDAPolicy(LLaDAConfig(steps=12, block_length=8, temperature=0.7))),
+        (lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5)),
+         lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5, temperature=0.7))),
+        (lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5, cache="dual")),
+         lambda: FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, factor=1.0))),
+        (lambda: FastDLLMPolicy(FastDLLMConfig(steps=12, block_length=8)),  # fixed quota
+         lambda: FastDLLMPolicy(FastDLLMConfig(steps=12, block_length=8, remasking="random"))),
+        (lambda: dream("entropy"), lambda: dream("entropy", temperature=0.7)),
+        (lambda: dream("maskgit_plus"), lambda: dream("origin")),
+        (lambda: dream("topk_margin"), lambda: dream("maskgit_plus", temperature=0.5)),
     ],
-    ids=["llada", "fast_dllm-threshold", "fast_dllm-dual", "fast_dllm-quota"],
+    ids=["llada", "fast_dllm-threshold", "fast_dllm-dual", "fast_dllm-quota", "dream-entropy",
+         "dream-maskgit_plus", "dream-topk_margin"],
 )
-def test_commit_many_equals_commit_per_sequence(make) -> None:
+def test_commit_many_equals_commit_per_sequence(make, make_sampled) -> None:
     gen = torch.Generator().manual_seed(1)
     items, alone = [], []
     for i, (prompt_len, slots, steps_done) in enumerate([(5, 32, 0), (9, 16, 3), (3, 32, 5), (12, 8, 1), (7, 24, 4)]):
@@ -86,13 +100,10 @@ def test_commit_many_equals_commit_per_sequence(make) -> None:
         logits = logits_with_ties(spec, gen)
         items.append((policy, seq, logits))
         alone.append(copy.deepcopy((policy, seq, logits)))
-    sampled = make()  # not greedy: left to `commit`
-    if isinstance(sampled, LLaDAPolicy):
-        sampled = LLaDAPolicy(LLaDAConfig(steps=12, block_length=8, temperature=0.7))
-    else:
-        sampled = FastDLLMPolicy(FastDLLMConfig(steps=24, block_length=8, threshold=0.5, temperature=0.7))
+    sampled = make_sampled()  # not greedy: left to `commit`
     seq, spec = planned(sampled, 4, 24, 9, 0, gen)
     items.append((sampled, seq, logits_with_ties(spec, gen)))
+    alone.append(copy.deepcopy(items[-1]))
 
     left = type(items[0][0]).commit_many(items)
     assert len(items) - 1 in left and len(left) < len(items)  # the batch path took some, not the sampler

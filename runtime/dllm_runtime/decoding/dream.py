@@ -44,6 +44,7 @@ from dllm_runtime.decoding.base import (
     canvas_positions,
 )
 from dllm_runtime.decoding.params import DREAM_ALGS, DecodingParams
+from dllm_runtime.decoding.primitives import GreedyCommits, top_k_choice
 from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 from dllm_runtime.models.dream import dream_position_ids
@@ -198,6 +199,9 @@ class DreamPolicy(DecodingPolicy):
             1, self.settings.eps, self.settings.steps + 1, dtype=torch.float32, device=seq.canvas.device
         )
         seq.state["unmasked_per_step"] = []
+        # each step's `1 - s/t`, float32 as the reference computes it (`_transfer_count` reads them)
+        ts = seq.state["timesteps"]
+        seq.state["transfer_factors"] = (1 - ts[1:] / ts[:-1]).tolist()
 
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         if seq.state["step"] >= self.settings.steps:
@@ -218,9 +222,8 @@ class DreamPolicy(DecodingPolicy):
         mask_id = seq.special.mask
         masked = x == mask_id
         # == shift_right(logits)[masked] (B = 1: row-major order is ascending slot order)
-        slots = seq.state["slots"]
-        before = slots.numel()
-        mask_logits = slot_logits(logits, slots, self.shift_logits, rows_wanted(slots, seq.length, self.shift_logits))
+        before = seq.state["slots"].numel()
+        mask_logits = self._mask_logits(seq, logits)
         t, s = seq.state["timesteps"][i], seq.state["timesteps"][i + 1]
         last = i == cfg.steps - 1
 
@@ -241,8 +244,7 @@ class DreamPolicy(DecodingPolicy):
                 margin_confidence=cfg.alg == "topk_margin",
                 neg_entropy=cfg.alg == "entropy",
             )
-            m = masked.sum() / masked.shape[0]  # float32, as the reference (per sequence: see module doc)
-            n = int(m) if last else int(m * (1 - s / t))
+            n = self._transfer_count(seq, before)
             if n > 0:
                 full = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
                 full.masked_scatter_(masked, confidence.to(full.dtype))  # = full[masked] = confidence
@@ -255,6 +257,69 @@ class DreamPolicy(DecodingPolicy):
 
         seq.state["unmasked_per_step"].append(before - int((x == mask_id).sum()))
         seq.state["step"] = i + 1
+
+    def _mask_logits(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """`(n, V)`: the prediction for each masked slot (`== shift_right(logits)[masked]`; B = 1, so
+        row-major order is ascending slot order)."""
+        slots = seq.state["slots"]
+        return slot_logits(logits, slots, self.shift_logits, rows_wanted(slots, seq.length, self.shift_logits))
+
+    def _transfer_count(self, seq: Sequence, masked: int) -> int:
+        """How many of the `masked` slots this step commits: all at the last step, else the reference's
+        float32 `int(m * (1 - s/t))` with `m` the sequence's masked count (see the module doc). The
+        product of two float32 values is exact in a double, so rounding it once to float32 is the
+        float32 multiply."""
+        i = seq.state["step"]
+        if i == self.settings.steps - 1:
+            return masked
+        return int(torch.tensor(masked * seq.state["transfer_factors"][i], dtype=torch.float32))
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax tokens and a top-n pick by confidence (no sampling, filters, `alg_temp` or `origin`
+        coins): what `commit_many` batches."""
+        cfg = self.settings
+        unfiltered = not cfg.top_k and (cfg.top_p is None or cfg.top_p >= 1)
+        return cfg.temperature == 0 and cfg.alg != "origin" and not cfg.alg_temp and unfiltered
+
+    @classmethod
+    def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
+        """Greedy sequences in one go (`GreedyCommits`), one batch per confidence rule: each commits its
+        step's `n` most confident slots. One whose n-th and (n+1)-th confidences tie is left to `commit`."""
+        left = set(range(len(items)))
+        for alg in DREAM_ALGS:
+            members = [i for i, (p, _, _) in enumerate(items) if p.greedy and p.settings.alg == alg]
+            batch = GreedyCommits.collect(items, _greedy_scorer(alg), rows=cls._rows, members=members)
+            if batch is None:
+                continue
+            chosen = {}
+            for j, (policy, seq, confidence) in enumerate(zip(batch.policies, batch.seqs, batch.confidence)):
+                choice = top_k_choice(confidence, policy._transfer_count(seq, len(confidence)))
+                if choice is not None:
+                    chosen[j] = choice
+            written = batch.write(chosen, [(seq.canvas, seq.canvas == seq.special.mask) for seq in batch.seqs])
+            for j in written:
+                state = batch.seqs[j].state
+                state["unmasked_per_step"].append(sum(chosen[j]))
+                state["step"] += 1
+            left -= {batch.members[j] for j in written}
+        return sorted(left)
+
+    @staticmethod
+    def _rows(policy: DreamPolicy, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        return policy._mask_logits(seq, logits)
+
+
+def _greedy_scorer(alg: str):
+    """`sample_tokens` at temperature 0 for `alg`, confidences in the logits' dtype (as `commit` ranks them)."""
+
+    def score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        confidence, tokens = sample_tokens(
+            logits, None, margin_confidence=alg == "topk_margin", neg_entropy=alg == "entropy"
+        )
+        return tokens, confidence.to(logits.dtype)
+
+    return score
 
 
 # ---------------------------------------------------------------------------------- registration

@@ -35,6 +35,7 @@ from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     GreedyCommits,
     apply_transfer,
+    argmax_probability,
     quota,
     threshold_choice,
     top_k_choice,
@@ -165,11 +166,11 @@ class FastDLLMPolicy(DecodingPolicy):
     def commit_many(cls, items: list[tuple[DecodingPolicy, Sequence, torch.Tensor]]) -> list[int]:
         """Greedy sequences in one go (`GreedyCommits`): each applies its threshold rule or fixed quota.
         A fixed quota whose boundary is a tie is left to `commit` (the reference's sort decides)."""
-        batch = GreedyCommits.collect(items, prob_dtype=torch.float64)  # upstream's float64 confidences
+        batch = GreedyCommits.collect(items, argmax_probability(torch.float64))  # upstream's float64 confidences
         if batch is None:
             return list(range(len(items)))
         chosen = {}
-        for j, (policy, seq, probs) in enumerate(zip(batch.policies, batch.seqs, batch.probs)):
+        for j, (policy, seq, probs) in enumerate(zip(batch.policies, batch.seqs, batch.confidence)):
             threshold = policy.config.threshold
             if threshold is not None:
                 choice = threshold_choice(probs, threshold)
@@ -178,7 +179,7 @@ class FastDLLMPolicy(DecodingPolicy):
             if choice is not None:
                 chosen[j] = choice
         windows = [policy._committed_window(seq) for policy, seq in zip(batch.policies, batch.seqs)]
-        written = batch.write(chosen, windows)
+        written = batch.write(chosen, [(w, seq.state["candidates"]) for w, seq in zip(windows, batch.seqs)])
         for j in written:
             st = batch.seqs[j].state
             # candidates are in canvas order: those before the block come first, in a window from 0

@@ -19,6 +19,7 @@ from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     GreedyCommits,
     apply_transfer,
+    argmax_probability,
     gather_prob,
     gumbel_argmax,
     quota,
@@ -158,15 +159,15 @@ class LLaDAPolicy(DecodingPolicy):
         """Greedy sequences in one go (`GreedyCommits`): each takes its step's quota of most confident
         candidates. One whose quota boundary is a tie is left to `commit`, whose full-row `topk` breaks
         it as the reference does."""
-        batch = GreedyCommits.collect(items, prob_dtype=None)  # the softmax in the logits' dtype, as upstream
+        batch = GreedyCommits.collect(items, argmax_probability())  # the softmax in the logits' dtype, as upstream
         if batch is None:
             return list(range(len(items)))
         chosen = {}
         for j, seq in enumerate(batch.seqs):
-            choice = top_k_choice(batch.probs[j], seq.state["quota"][seq.state["step"]])
+            choice = top_k_choice(batch.confidence[j], seq.state["quota"][seq.state["step"]])
             if choice is not None:
                 chosen[j] = choice
-        written = batch.write(chosen, [seq.canvas for seq in batch.seqs])
+        written = batch.write(chosen, [(seq.canvas, seq.state["candidates"]) for seq in batch.seqs])
         for j in written:
             cls._next_step(batch.seqs[j].state)
         return batch.left(written)

@@ -8,6 +8,7 @@ Every random draw goes through the sequence's `RandomSource`, in the reference's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -117,47 +118,74 @@ def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- batched greedy commits
-# The greedy (T = 0) step of many sequences at once: one argmax and one softmax over every
-# candidate row of the batch, one read of the confidences, then each sequence's rule picks its slots
-# on the host (a few comparisons each, where tensor ops would cost a kernel call per op), one write
-# per canvas. A rule picks exactly what the reference's op over the sequence's own row picks; where
-# that op would decide by its tie order, the rule declines and the sequence runs the reference op.
+# The greedy (T = 0) step of many sequences at once: one scoring pass (argmax, softmax, ...) over
+# every candidate row of the batch, one read of the confidences, then each sequence's rule picks its
+# slots on the host (a few comparisons each, where tensor ops would cost a kernel call per op), one
+# write per canvas. A rule picks exactly what the reference's op over the sequence's own row picks;
+# where that op would decide by its tie order, the rule declines and the sequence runs the reference op.
+
+#: candidate logits `(N, V)` -> `(token, confidence)` per row, as the reference scores them
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def argmax_probability(prob_dtype: torch.dtype | None = None) -> Scorer:
+    """LLaDA-family scoring: the argmax token and its softmax probability (softmax in `prob_dtype`,
+    None = the logits' own dtype)."""
+
+    def score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.argmax(logits, dim=-1)
+        return tokens, gather_prob(torch.softmax(logits.to(prob_dtype or logits.dtype), dim=-1), tokens)
+
+    return score
 
 
 class GreedyCommits:
     """The greedy members of one `commit_many` call (`items[i]` for i in `members`): each candidate
-    row's argmax token, and per member its candidates' softmax probabilities (in `prob_dtype`)."""
+    row's token, and per member its candidates' confidences as Python floats."""
 
     @classmethod
     def collect(
-        cls, items: list[tuple[Any, Sequence, torch.Tensor]], prob_dtype: torch.dtype | None
+        cls,
+        items: list[tuple[Any, Sequence, torch.Tensor]],
+        score: Scorer,
+        rows: Callable[[Any, Sequence, torch.Tensor], torch.Tensor] | None = None,
+        members: list[int] | None = None,
     ) -> GreedyCommits | None:
-        """The items whose policy is `greedy`, or None when fewer than two are (alone, a policy's own
-        `commit` takes fewer ops). `prob_dtype` None: the softmax runs in the logits' dtype."""
-        members = [i for i, (policy, _, _) in enumerate(items) if policy.greedy]
+        """The items whose policy is `greedy` (or `members`), or None when fewer than two are (alone,
+        a policy's own `commit` takes fewer ops). `rows(policy, seq, logits)`: a member's candidate
+        rows `(n, V)`; by default its logits' first row, `(n, V)` at `ForwardSpec.logits_at`."""
+        if members is None:
+            members = [i for i, (policy, _, _) in enumerate(items) if policy.greedy]
         if len(members) < 2:
             return None
-        return cls(items, members, prob_dtype or items[members[0]][2].dtype)
+        return cls(items, members, score, rows or (lambda policy, seq, logits: logits[0]))
 
-    def __init__(self, items: list[tuple[Any, Sequence, torch.Tensor]], members: list[int], prob_dtype: torch.dtype):
+    def __init__(
+        self,
+        items: list[tuple[Any, Sequence, torch.Tensor]],
+        members: list[int],
+        score: Scorer,
+        rows: Callable[[Any, Sequence, torch.Tensor], torch.Tensor],
+    ) -> None:
         self.items, self.members = items, members
         self.policies = [items[i][0] for i in members]
         self.seqs = [items[i][1] for i in members]
-        self.counts = [items[i][2].shape[1] for i in members]  # candidates per sequence (R = 1)
-        flat = torch.cat([items[i][2][0] for i in members])
-        self.tokens = torch.argmax(flat, dim=-1)
-        probs = gather_prob(torch.softmax(flat.to(prob_dtype), dim=-1), self.tokens).tolist()
+        candidates = [rows(*items[i]) for i in members]
+        self.counts = [c.shape[0] for c in candidates]
+        self.tokens, confidence = score(torch.cat(candidates))
+        flat = confidence.tolist()
         starts = [0, *accumulate(self.counts)]
-        self.probs: list[list[float]] = [probs[lo:hi] for lo, hi in zip(starts, starts[1:])]
+        self.confidence: list[list[float]] = [flat[lo:hi] for lo, hi in zip(starts, starts[1:])]
 
-    def write(self, chosen: dict[int, list[bool]], targets: list[torch.Tensor]) -> list[int]:
-        """Commit member j's `chosen[j]` candidates into its canvas view `targets[j]` (whose candidate
-        mask is its `state["candidates"]`); members without a choice are skipped. Returns those written."""
+    def write(self, chosen: dict[int, list[bool]], places: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+        """Commit member j's `chosen[j]` candidates into `places[j]` = `(canvas view, its candidate
+        mask)`; members without a choice are skipped. Returns those written."""
         flags = [flag for j, n in enumerate(self.counts) for flag in chosen.get(j, [False] * n)]
         values = torch.where(torch.tensor(flags, device=self.tokens.device), self.tokens, self.seqs[0].special.mask)
         segments = values.split(self.counts)  # unchosen candidates stay masked
         for j in chosen:
-            targets[j].masked_scatter_(self.seqs[j].state["candidates"], segments[j])
+            target, candidates = places[j]
+            target.masked_scatter_(candidates, segments[j])
         return sorted(chosen)
 
     def left(self, written: list[int]) -> list[int]:
