@@ -147,6 +147,21 @@ def block_span(seq: Sequence, block_length: int) -> tuple[int, int]:
     return lo, lo + block_length
 
 
+def open_block(seq: Sequence, block_length: int) -> None:
+    """At a block's first step: mark the canvas positions before its end (`seq.state["reach"]`), so
+    each step finds its candidates with one comparison and one `and` (`masked_in_reach`)."""
+    _, hi = block_span(seq, block_length)
+    seq.state["reach"] = torch.arange(seq.length, device=seq.canvas.device)[None] < hi
+
+
+def masked_in_reach(seq: Sequence, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """`(1, hi - lo)` bool: the still-masked slots of the canvas window `[lo, hi)` that lie before
+    the current block's end (see `open_block`), i.e. the slots a semi-AR step may commit."""
+    if lo == 0 and hi is None:
+        return torch.eq(seq.canvas, seq.special.mask).logical_and_(seq.state["reach"])
+    return torch.eq(seq.canvas[:, lo:hi], seq.special.mask).logical_and_(seq.state["reach"][:, lo:hi])
+
+
 class DecodingPolicy(ABC):
     """Decides, step by step, which masked positions of one sequence to commit."""
 

@@ -23,7 +23,16 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    Sequence,
+    block_span,
+    canvas_positions,
+    masked_in_reach,
+    open_block,
+)
 from dllm_runtime.decoding.llada import (
     check_blocks,
     reference_kwargs,
@@ -94,6 +103,7 @@ class FastDLLMPolicy(DecodingPolicy):
             return None
         s, e = block_span(seq, self.config.block_length)
         if st["step"] == 0:
+            open_block(seq, self.config.block_length)
             self._count_masks(seq)
             st["quota"] = quota(st["masks_in_block"], st["steps_per_block"])
             # with a cache, the block's first forward sees the whole canvas and (re)builds the cache
@@ -106,8 +116,10 @@ class FastDLLMPolicy(DecodingPolicy):
 
     def _window(self, seq: Sequence, lo: int, hi: int, store: bool = False, use: bool = False) -> ForwardSpec:
         valid = None if seq.valid is None else seq.valid[:, lo:hi]
-        # `commit` reads it again: the canvas does not change in between
-        seq.state["candidates"] = self._candidates(seq, lo, hi)
+        # the window's masked slots before the block's end, the only ones a step can commit (earlier
+        # leftover masks included, as upstream); the forward computes their logits, and `commit`
+        # reads them again (the canvas does not change in between)
+        seq.state["candidates"] = masked_in_reach(seq, lo, hi)
         return ForwardSpec(
             input_ids=seq.canvas[:, lo:hi],
             positions=seq.state["positions"][:, lo:hi],
@@ -117,14 +129,6 @@ class FastDLLMPolicy(DecodingPolicy):
             store_cache=store,
             logits_at=seq.state["candidates"][0],
         )
-
-    def _candidates(self, seq: Sequence, lo: int, hi: int) -> torch.Tensor:
-        """`(1, hi - lo)` bool: the window's masked slots before the block's end, the only ones a step
-        can commit (earlier leftover masks included, as upstream); the forward computes their logits."""
-        _, e = block_span(seq, self.config.block_length)
-        mask = seq.canvas[:, lo:hi] == seq.special.mask
-        mask[:, e - lo :] = False
-        return mask
 
     # ------------------------------------------------------------------ commit
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:

@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from dllm_runtime.decoding.base import DecodingPolicy, ForwardSpec, PositionFn, Sequence, block_span, canvas_positions
+from dllm_runtime.decoding.base import (
+    DecodingPolicy,
+    ForwardSpec,
+    PositionFn,
+    Sequence,
+    block_span,
+    canvas_positions,
+    masked_in_reach,
+    open_block,
+)
 from dllm_runtime.decoding.params import DecodingParams, check_remasking
 from dllm_runtime.decoding.primitives import (
     GreedyCommits,
@@ -90,6 +99,7 @@ class LLaDAPolicy(DecodingPolicy):
             lo, hi = block_span(seq, self.config.block_length)
             n = int((seq.canvas[0, lo:hi] == seq.special.mask).sum())
             st["quota"] = quota(n, st["steps_per_block"])
+            open_block(seq, self.config.block_length)
         x, positions, valid = seq.canvas, st["positions"], seq.valid
         if self.config.cfg_scale > 0:
             unconditional = x.clone()
@@ -97,19 +107,11 @@ class LLaDAPolicy(DecodingPolicy):
             x = torch.cat([x, unconditional])
             positions = torch.cat([positions, positions])
             valid = None if valid is None else torch.cat([valid, valid])
-        st["candidates"] = self._candidates(seq)  # `commit` reads it: the canvas does not change in between
+        # the slots this step may commit: upstream sets `conf[:, hi:] = -inf` and `where(mask, conf,
+        # -inf)`, and every op that decides a step is per position, so the forward computes logits
+        # for these positions only; `commit` reads them again (the canvas does not change in between)
+        st["candidates"] = masked_in_reach(seq)
         return ForwardSpec(input_ids=x, positions=positions, valid=valid, logits_at=st["candidates"][0])
-
-    def _candidates(self, seq: Sequence) -> torch.Tensor:
-        """`(1, L)` bool: the slots this step may commit, masked and before the block's end.
-
-        Upstream sets `conf[:, hi:] = -inf` and `where(mask, conf, -inf)`; every op that decides a
-        step is per position, so the forward computes logits for these positions only.
-        """
-        _, hi = block_span(seq, self.config.block_length)
-        candidates = seq.canvas == seq.special.mask
-        candidates[:, hi:] = False
-        return candidates
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """`logits` `(R, n, V)` at the `n` candidate slots (`ForwardSpec.logits_at`)."""
