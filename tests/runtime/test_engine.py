@@ -103,6 +103,7 @@ async def wait_for(cond, timeout: float = 60.0) -> None:
 # Mixed policies, cache modes, prompt and generation lengths, block lengths, seeds.
 LLADA_MIX = [
     ("semiar", "Hi", dict(algorithm="llada", max_tokens=16, block_length=8, steps=8)),
+    ("semiar2", "A longer LLaDA prompt", dict(algorithm="llada", max_tokens=24, block_length=8, steps=24)),  # batched commits
     ("sampled", "The quick brown fox", dict(algorithm="llada", max_tokens=24, block_length=8, steps=12, temperature=0.8, seed=5)),
     ("random", "abc", dict(algorithm="llada", max_tokens=16, block_length=16, steps=8, remasking="random", seed=11)),
     ("cfg", "classifier free", dict(algorithm="llada", max_tokens=8, block_length=8, steps=8, cfg_scale=1.5)),
@@ -115,6 +116,7 @@ LLADA_MIX = [
 ]
 DREAM_MIX = [
     ("entropy", "Hello", dict(algorithm="dream", alg="entropy", max_tokens=16, steps=8)),
+    ("entropy2", "Say more", dict(algorithm="dream", alg="entropy", max_tokens=24, steps=24)),  # batched commits
     ("maskgit", "A longer prompt here", dict(algorithm="dream", alg="maskgit_plus", max_tokens=24, steps=12, temperature=0.3, alg_temp=0.5, seed=1)),
     ("margin", "ok", dict(algorithm="dream", alg="topk_margin", max_tokens=8, steps=8)),
     ("origin", "sample me", dict(algorithm="dream", alg="origin", max_tokens=16, steps=16, temperature=0.5, top_p=0.9, seed=2)),
@@ -131,7 +133,9 @@ SAME_LENGTH_MIX = [
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "same_length"])
-async def test_batched_results_equal_alone(family: str, llada: DiffusionModel, dream: DiffusionModel) -> None:
+async def test_batched_results_equal_alone(
+    family: str, llada: DiffusionModel, dream: DiffusionModel, caplog: pytest.LogCaptureFixture
+) -> None:
     """N concurrent mixed requests produce exactly the tokens and NFE each produces alone."""
     model, mix = {"llada": (llada, LLADA_MIX), "dream": (dream, DREAM_MIX), "same_length": (llada, SAME_LENGTH_MIX)}[family]
     engine, rec = started(model, max_num_seqs=16)
@@ -144,6 +148,7 @@ async def test_batched_results_equal_alone(family: str, llada: DiffusionModel, d
         for (name, _, _), res in zip(mix, together):
             assert res.key() == alone[name].key(), name
         assert engine.stats().num_running == 0 and engine.stats().cache_bytes == 0
+        assert "batched commit" not in caplog.text  # the batched path ran, not its one-by-one fall-back
     finally:
         await engine.shutdown(5)
 
