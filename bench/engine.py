@@ -10,6 +10,7 @@ with the tokens the model computes per forward (what a KV cache saves).
     python bench/engine.py                                     # golden tiny LLaDA, byte tokenizer
     python bench/engine.py --model /path/to/model-folder --max-tokens 64 --block-length 32
     python bench/engine.py --concurrency 1,4,16 --requests 48 --algorithm fast_dllm --json out.json
+    python bench/engine.py --algorithm fast_dllm --cache dual   # the throughput runs with a block KV cache
     python bench/engine.py --tiny-width 16 --tiny-layers 1   # near-free forwards: engine overhead shows
 
 Prompts are GSM8K questions (data/gsm8k_test.jsonl), truncated to `--prompt-bytes`, so prompt
@@ -117,7 +118,10 @@ def prompts(tokenizer: Any, n: int, max_bytes: int) -> list[list[int]]:
 
 
 def base_params(args: argparse.Namespace, **overrides: Any) -> DecodingParams:
-    values = dict(algorithm=args.algorithm, max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps)
+    values = dict(
+        algorithm=args.algorithm, max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps,
+        cache=args.cache,
+    )
     values.update(overrides)
     return DecodingParams(**values)
 
@@ -195,7 +199,7 @@ async def nfe_table(
             finals = []
             counter.forward_tokens.clear()
             for i, prompt in enumerate(workload):
-                values = {"steps": None, "threshold": None, "seed": i, **overrides}
+                values = {"steps": None, "threshold": None, "cache": "none", "seed": i, **overrides}
                 if values["steps"] == "half":
                     values["steps"] = max(1, args.max_tokens // 2)
                 params = base_params(args, **values)
@@ -244,7 +248,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     base = results[0]["tokens_per_s"]
     print(f"\nmodel: {name}; device {args.device}, torch threads {torch.get_num_threads()}")
     print(
-        f"workload: {len(workload)} GSM8K prompts (<= {args.prompt_bytes} bytes), algorithm={args.algorithm}, "
+        f"workload: {len(workload)} GSM8K prompts (<= {args.prompt_bytes} bytes), algorithm={args.algorithm}, cache={args.cache}, "
         f"max_tokens={args.max_tokens}, block_length={args.block_length}, steps={args.steps or 'max_tokens'}\n"
     )
     print(
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     parser.add_argument("--rounds", type=int, default=3, help="times every level runs (the median is shown)")
     parser.add_argument("--algorithm", default="llada")
+    parser.add_argument("--cache", default="none", help="KV cache of the throughput runs: none, prefix, dual")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="default: one per generation slot")
