@@ -60,25 +60,31 @@ class RowKeys:
         self.rows = rows
         self.valids = valids
         self._groups: list[tuple[int, list[int], torch.Tensor | None]] | None = None
+        self._plain: bool | None = None
         self._tokens: torch.Tensor | None = None
         self._varlen: _VarlenPlan | None = None
 
     # ------------------------------------------------------------------ per-group SDPA (CPU, exact)
-    def sdpa(self, q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """One SDPA call per group of equal (query, key) lengths, see `ragged_sdpa`. `keys[i]` `(Hkv, K_i, D)`."""
+    def sdpa(self, q: torch.Tensor, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> torch.Tensor:
+        """One SDPA call per group of equal (query, key) lengths, see `ragged_sdpa`. `keys[i]`: row i's
+        keys as `(Hkv, K_ij, D)` pieces in key order (one piece, or cache / window / cache)."""
         rows, groups = self.rows, self._sdpa_groups()
-        plain = len(rows) == q.shape[0] and all(r.b == i and r.start == 0 for i, r in enumerate(rows))
-        out = None if plain and len(groups) == 1 else q.new_zeros(q.shape)
+        if self._plain is None:  # every row at the front of its own batch row
+            self._plain = len(rows) == q.shape[0] and all(r.b == i and r.start == 0 for i, r in enumerate(rows))
+        out = None if self._plain and len(groups) == 1 else q.new_zeros(q.shape)
         for t, idx, valid in groups:
-            if out is None:  # every row, one shape, at the front of its own batch row: no gather/scatter
+            if out is None:  # every row, one shape: no gather/scatter
                 qg = q[:, :, :t]
-            elif plain:
+            elif self._plain:
                 qg = q[idx, :, :t]
             else:
                 qg = torch.stack([rows[i].heads(q) for i in idx])
-            og = sdpa(qg, torch.stack([keys[i] for i in idx]), torch.stack([values[i] for i in idx]), valid)
+            og = sdpa(qg, _stacked([keys[i] for i in idx]), _stacked([values[i] for i in idx]), valid)
             if out is None:
                 return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
+            if self._plain:
+                out[idx, :, :t] = og
+                continue
             for j, i in enumerate(idx):
                 r = rows[i]
                 out[r.b, :, r.start : r.start + t] = og[j]
@@ -171,7 +177,16 @@ def ragged_sdpa(
     layout = RowKeys(rows, valids)
     if use_varlen(q):
         return layout.varlen(q, _end_to_end(keys), _end_to_end(values))
-    return layout.sdpa(q, keys, values)
+    return layout.sdpa(q, [[k] for k in keys], [[v] for v in values])
+
+
+def _stacked(pieces: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Equal-length rows of `(H, K_ij, D)` key pieces as one `(G, H, K, D)` tensor: a stack when each
+    row is one piece, else one `cat` of every piece and a view (not a `cat` per row, then a stack)."""
+    if all(len(p) == 1 for p in pieces):
+        return torch.stack([p[0] for p in pieces])
+    flat = torch.cat([x for p in pieces for x in p], dim=1)  # (H, G * K, D), row after row
+    return flat.unflatten(1, (len(pieces), -1)).transpose(0, 1)
 
 
 def _end_to_end(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -205,7 +220,7 @@ class RaggedAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if use_varlen(q):  # a row's keys are its own tokens: no per-row work at all
             return self.keys.varlen(q, self.keys.own_tokens(k), self.keys.own_tokens(v))
-        return self.keys.sdpa(q, [r.heads(k) for r in self.rows], [r.heads(v) for r in self.rows])
+        return self.keys.sdpa(q, [[r.heads(k)] for r in self.rows], [[r.heads(v)] for r in self.rows])
 
 
 class BatchedCacheAttention:
@@ -227,7 +242,7 @@ class BatchedCacheAttention:
         if use_varlen(q):
             flat_k, flat_v = [x for p in keys for x in p], [x for p in values for x in p]
             return self.keys.varlen(q, _end_to_end(flat_k), _end_to_end(flat_v))
-        return self.keys.sdpa(q, [_joined(p) for p in keys], [_joined(p) for p in values])
+        return self.keys.sdpa(q, keys, values)
 
     def _valid(self, r: _Row) -> torch.Tensor:
         new = r.tokens(self.new_valid)
@@ -270,11 +285,6 @@ class BatchedCacheAttention:
         seq.kv.values[layer][r.row, :, lo:hi] = v
         if layer == 0:  # the same for every layer
             seq.kv.valid[r.row, lo:hi] = r.tokens(self.new_valid)
-
-
-def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One row's `(Hkv, K, D)` key pieces as one tensor (no copy when there is one piece)."""
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def batched_forward(
