@@ -9,6 +9,7 @@ import torch
 
 from dllm_runtime.models import DreamModel, LLaDAModel, SpecialIds, load_model
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa
+from dllm_runtime.models.layers import Rotary
 from tests.runtime.golden_replay import golden_cases, golden_tensors, one_thread, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,6 +181,30 @@ def test_rope_positions_change_logits(llada):
         torch.testing.assert_close(base, shifted, atol=1e-4, rtol=0)
         swapped = llada(ids, torch.tensor([[0, 2, 1, 3]]))
     assert (base - swapped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("full_precision", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_identical_to_the_references_rotate_half(full_precision: bool, dtype: torch.dtype) -> None:
+    """`Rotary` uses roll + a pre-signed sin table; it must equal the HF `x*cos + rotate_half(x)*sin` bit for bit."""
+    rotary = Rotary(64, 500000.0, full_precision)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 4096, (3, 50), generator=gen)
+    q, k = torch.randn(3, 4, 50, 64, generator=gen).to(dtype), torch.randn(3, 2, 50, 64, generator=gen).to(dtype)
+    freqs = positions.float()[..., None] * rotary.inv_freq(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        cos, sin = emb.cos(), emb.sin()
+        if full_precision:
+            x32 = x.float()
+        else:
+            x32, cos, sin = x, cos.to(x.dtype), sin.to(x.dtype)
+        half = x.shape[-1] // 2
+        return (x32 * cos + torch.cat([-x32[..., half:], x32[..., :half]], dim=-1) * sin).type_as(x)
+
+    rq, rk = rotary(q, k, rotary.cos_sin(positions))
+    assert torch.equal(rq, reference(q)) and torch.equal(rk, reference(k))
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
