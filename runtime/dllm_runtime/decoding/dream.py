@@ -44,7 +44,7 @@ from dllm_runtime.decoding.base import (
     canvas_positions,
 )
 from dllm_runtime.decoding.params import DREAM_ALGS, DecodingParams
-from dllm_runtime.decoding.primitives import GreedyCommits, top_k_choice
+from dllm_runtime.decoding.primitives import GreedyCommits, Scorer, top_k_choice
 from dllm_runtime.decoding.registry import ReferenceDecoder, register_algorithm, register_reference
 from dllm_runtime.models.base import DiffusionModel, SpecialIds
 from dllm_runtime.models.dream import dream_position_ids
@@ -208,8 +208,10 @@ class DreamPolicy(DecodingPolicy):
             return None
         # `commit` reads it again: the canvas does not change in between
         seq.state["slots"] = self._masked_slots(seq)
-        wanted = rows_wanted(seq.state["slots"], seq.length, self.shift_logits)
-        return ForwardSpec(input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=wanted)
+        seq.state["rows_wanted"] = rows_wanted(seq.state["slots"], seq.length, self.shift_logits)
+        return ForwardSpec(
+            input_ids=seq.canvas, positions=seq.state["positions"], valid=seq.valid, logits_at=seq.state["rows_wanted"]
+        )
 
     def _masked_slots(self, seq: Sequence) -> torch.Tensor:
         return (seq.canvas[0] == seq.special.mask).nonzero().squeeze(1)
@@ -261,8 +263,7 @@ class DreamPolicy(DecodingPolicy):
     def _mask_logits(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
         """`(n, V)`: the prediction for each masked slot (`== shift_right(logits)[masked]`; B = 1, so
         row-major order is ascending slot order)."""
-        slots = seq.state["slots"]
-        return slot_logits(logits, slots, self.shift_logits, rows_wanted(slots, seq.length, self.shift_logits))
+        return slot_logits(logits, seq.state["slots"], self.shift_logits, seq.state["rows_wanted"])
 
     def _transfer_count(self, seq: Sequence, masked: int) -> int:
         """How many of the `masked` slots this step commits: all at the last step, else the reference's
@@ -310,7 +311,7 @@ class DreamPolicy(DecodingPolicy):
         return policy._mask_logits(seq, logits)
 
 
-def _greedy_scorer(alg: str):
+def _greedy_scorer(alg: str) -> Scorer:
     """`sample_tokens` at temperature 0 for `alg`, confidences in the logits' dtype (as `commit` ranks them)."""
 
     def score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
