@@ -81,9 +81,11 @@ class ForwardSpec:
 
 @dataclass
 class KVCache:
-    """Per-sequence block KV cache: post-RoPE keys/values of every canvas position, per layer."""
+    """Per-sequence block KV cache: post-RoPE keys/values of every canvas position, per layer.
 
-    keys: list[torch.Tensor]  # per layer (R, Hkv, L, D)
+    Token-major, so the step loop gathers every row's keys of a layer with one `index_select`."""
+
+    keys: list[torch.Tensor]  # per layer (R, L, Hkv, D)
     values: list[torch.Tensor]
     valid: torch.Tensor  # (R, L) bool
 

@@ -46,6 +46,10 @@ class _Row:
         return t[self.b, :, self.start : self.start + self.length]
 
 
+#: one SDPA group: query length, row indices, key mask (None: no padded key), key positions (None: all)
+_Group = tuple[int, list[int], "torch.Tensor | None", "torch.Tensor | None"]
+
+
 class RowKeys:
     """How a forward's rows attend, worked out once per forward and reused by every layer.
 
@@ -59,27 +63,27 @@ class RowKeys:
     def __init__(self, rows: list[_Row], valids: list[torch.Tensor] | None) -> None:
         self.rows = rows
         self.valids = valids
-        self._groups: list[tuple[int, list[int], torch.Tensor | None]] | None = None
+        self._groups: list[_Group] | None = None
         self._plain: bool | None = None
         self._tokens: torch.Tensor | None = None
         self._varlen: _VarlenPlan | None = None
 
     # ------------------------------------------------------------------ per-group SDPA (CPU, exact)
-    def sdpa(self, q: torch.Tensor, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> torch.Tensor:
-        """One SDPA call per group of equal (query, key) lengths, see `ragged_sdpa`. `keys[i]`: row i's
-        keys as `(Hkv, K_ij, D)` pieces in key order (one piece, or cache / window / cache)."""
-        rows, groups = self.rows, self._sdpa_groups()
+    def sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One SDPA call per group of equal (query, key) lengths, see `ragged_sdpa`. `keys`/`values`
+        `(sum K_i, Hkv, D)`: the rows' keys end to end in row order, padded keys included."""
+        rows, groups = self.rows, self._sdpa_groups(keys.device)
         if self._plain is None:  # every row at the front of its own batch row
             self._plain = len(rows) == q.shape[0] and all(r.b == i and r.start == 0 for i, r in enumerate(rows))
         out = None if self._plain and len(groups) == 1 else q.new_zeros(q.shape)
-        for t, idx, valid in groups:
+        for t, idx, valid, where in groups:
             if out is None:  # every row, one shape: no gather/scatter
                 qg = q[:, :, :t]
             elif self._plain:
                 qg = q[idx, :, :t]
             else:
                 qg = torch.stack([rows[i].heads(q) for i in idx])
-            og = sdpa(qg, _stacked([keys[i] for i in idx]), _stacked([values[i] for i in idx]), valid)
+            og = sdpa(qg, _group_keys(keys, where, len(idx)), _group_keys(values, where, len(idx)), valid)
             if out is None:
                 return og if t == q.shape[2] else torch.nn.functional.pad(og, (0, 0, 0, q.shape[2] - t))
             if self._plain:
@@ -90,20 +94,25 @@ class RowKeys:
                 out[r.b, :, r.start : r.start + t] = og[j]
         return out
 
-    def _sdpa_groups(self) -> list[tuple[int, list[int], torch.Tensor | None]]:
-        """`(query length, row indices, key mask or None when no key is padded)` per group."""
+    def _sdpa_groups(self, device: torch.device) -> list[_Group]:
+        """`(query length, row indices, key mask or None when no key is padded, where the rows' keys
+        are among all rows' keys end to end or None when the group is every row)` per group."""
         if self._groups is None:
+            n_keys = [r.length for r in self.rows] if self.valids is None else [m.shape[0] for m in self.valids]
+            starts = [0, *accumulate(n_keys)]
             by_shape: dict[tuple[int, int], list[int]] = {}
             for i, r in enumerate(self.rows):
-                keys = r.length if self.valids is None else self.valids[i].shape[0]
-                by_shape.setdefault((r.length, keys), []).append(i)
+                by_shape.setdefault((r.length, n_keys[i]), []).append(i)
             self._groups = []
-            for (t, _), idx in by_shape.items():
-                if self.valids is None:
-                    self._groups.append((t, idx, None))
-                    continue
-                valid = torch.stack([self.valids[i] for i in idx])
-                self._groups.append((t, idx, None if bool(valid.all()) else valid))
+            for (t, k), idx in by_shape.items():
+                where = None
+                if len(idx) < len(self.rows):
+                    where = torch.cat([torch.arange(starts[i], starts[i] + k) for i in idx]).to(device)
+                valid = None
+                if self.valids is not None:
+                    stacked = torch.stack([self.valids[i] for i in idx])
+                    valid = None if bool(stacked.all()) else stacked
+                self._groups.append((t, idx, valid, where))
         return self._groups
 
     # ------------------------------------------------------------------ varlen FlashAttention (GPU)
@@ -175,18 +184,15 @@ def ragged_sdpa(
     form of `RowKeys`, which the attention contexts below keep for all layers of a forward.
     """
     layout = RowKeys(rows, valids)
-    if use_varlen(q):
-        return layout.varlen(q, _end_to_end(keys), _end_to_end(values))
-    return layout.sdpa(q, [[k] for k in keys], [[v] for v in values])
+    flat_k, flat_v = _end_to_end(keys), _end_to_end(values)
+    return layout.varlen(q, flat_k, flat_v) if use_varlen(q) else layout.sdpa(q, flat_k, flat_v)
 
 
-def _stacked(pieces: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Equal-length rows of `(H, K_ij, D)` key pieces as one `(G, H, K, D)` tensor: a stack when each
-    row is one piece, else one `cat` of every piece and a view (not a `cat` per row, then a stack)."""
-    if all(len(p) == 1 for p in pieces):
-        return torch.stack([p[0] for p in pieces])
-    flat = torch.cat([x for p in pieces for x in p], dim=1)  # (H, G * K, D), row after row
-    return flat.unflatten(1, (len(pieces), -1)).transpose(0, 1)
+def _group_keys(keys: torch.Tensor, where: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """A group's `(G, Hkv, K, D)` keys from all rows' keys end to end (`where` None: all of them).
+    Contiguous, so SDPA sees the layout a stack of per-row tensors had (its results are bit-exact)."""
+    picked = keys if where is None else keys.index_select(0, where)
+    return picked.unflatten(0, (rows, -1)).transpose(1, 2).contiguous()
 
 
 def _end_to_end(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -218,31 +224,63 @@ class RaggedAttention:
         self.keys = RowKeys(rows, None if valid is None else [r.tokens(valid) for r in rows])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if use_varlen(q):  # a row's keys are its own tokens: no per-row work at all
-            return self.keys.varlen(q, self.keys.own_tokens(k), self.keys.own_tokens(v))
-        return self.keys.sdpa(q, [[r.heads(k)] for r in self.rows], [[r.heads(v)] for r in self.rows])
+        keys, values = self.keys.own_tokens(k), self.keys.own_tokens(v)  # a row's keys are its own tokens
+        return self.keys.varlen(q, keys, values) if use_varlen(q) else self.keys.sdpa(q, keys, values)
 
 
 class BatchedCacheAttention:
-    """Per-row key sets for a batch where some rows read or write a sequence's KV cache."""
+    """Per-row key sets for a batch where some rows read or write a sequence's KV cache.
+
+    A reading row attends to its cache before the window, the window's new keys, its cache after
+    (Fast-dLLM's prefix/dual order); other rows to their new keys. Caches are token-major,
+    `(R, L, Hkv, D)` per layer, so every row's keys come out of one `cat` (the reading rows' caches
+    and the call's new keys) and one `index_select` with an index made at the first layer: the work
+    per layer does not grow with the rows. (Slicing each row's pieces per layer cost ~35 us of host
+    time per row and layer: ~40 ms per step at 32 rows x 32 layers, more than the GPU needs.)
+    """
 
     def __init__(self, rows: list[_Row], new_valid: torch.Tensor) -> None:
         self.rows = rows
         self.new_valid = new_valid  # (B, T) of the model call
         self.keys: RowKeys | None = None  # set at the first layer, after its stores (which may allocate)
+        self._caches: list[tuple[KVCache, int]] = []  # (cache, row) of each reading row, in row order
+        self._gather: torch.Tensor | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, width, d = k.shape
+        new_k = k.transpose(1, 2).reshape(b * width, h, d)  # token-major, like the caches
+        new_v = v.transpose(1, 2).reshape(b * width, h, d)
         for r in self.rows:
             if r.spec.store_cache:
-                self._store(layer, r, r.heads(k), r.heads(v))
+                self._store(layer, r, r.b * width + r.start, new_k, new_v)
         if self.keys is None:
             self.keys = RowKeys(self.rows, [self._valid(r) for r in self.rows])
-        keys = [self._in_key_order(r, "keys", layer, r.heads(k)) for r in self.rows]
-        values = [self._in_key_order(r, "values", layer, r.heads(v)) for r in self.rows]
-        if use_varlen(q):
-            flat_k, flat_v = [x for p in keys for x in p], [x for p in values for x in p]
-            return self.keys.varlen(q, _end_to_end(flat_k), _end_to_end(flat_v))
-        return self.keys.sdpa(q, keys, values)
+            self._gather = self._gather_index(width, k.device)
+        keys, values = self._end_to_end(layer, "keys", new_k), self._end_to_end(layer, "values", new_v)
+        return self.keys.varlen(q, keys, values) if use_varlen(q) else self.keys.sdpa(q, keys, values)
+
+    def _end_to_end(self, layer: int, kind: str, new: torch.Tensor) -> torch.Tensor:
+        """Every row's keys (`kind="keys"`) or values in key order, rows end to end: `(sum K_i, Hkv, D)`."""
+        caches = [getattr(kv, kind)[layer][row] for kv, row in self._caches]
+        return torch.cat([*caches, new]).index_select(0, self._gather)
+
+    def _gather_index(self, width: int, device: torch.device) -> torch.Tensor:
+        """Where each row's keys are in `cat(reading rows' caches, the call's new keys)`."""
+        at, cache_starts = 0, []
+        for r in self.rows:
+            if r.spec.use_cache:
+                self._caches.append((r.seq.kv, r.row))
+                cache_starts.append(at)
+                at += r.seq.length
+        starts, parts = iter(cache_starts), []
+        for r in self.rows:
+            own = torch.arange(r.length) + (at + r.b * width + r.start)
+            if not r.spec.use_cache:
+                parts.append(own)
+                continue
+            c, lo, hi = next(starts), r.spec.offset, r.spec.offset + r.length
+            parts += [torch.arange(c, c + lo), own, torch.arange(c + hi, c + r.seq.length)]
+        return torch.cat(parts).to(device)
 
     def _valid(self, r: _Row) -> torch.Tensor:
         new = r.tokens(self.new_valid)
@@ -254,18 +292,9 @@ class BatchedCacheAttention:
         lo, hi = r.spec.offset, r.spec.offset + r.length
         return torch.cat([kv.valid[r.row, :lo], new, kv.valid[r.row, hi:]])
 
-    @staticmethod
-    def _in_key_order(r: _Row, kind: str, layer: int, new: torch.Tensor) -> list[torch.Tensor]:
-        """Row r's keys (`kind="keys"`) or values as `(Hkv, K, D)` pieces in canvas order: the cache
-        before the window, the window's new ones, the cache after (Fast-dLLM's prefix/dual order)."""
-        if not r.spec.use_cache:
-            return [new]
-        cached = getattr(r.seq.kv, kind)[layer][r.row]
-        lo, hi = r.spec.offset, r.spec.offset + r.length
-        return [cached[:, :lo], new, cached[:, hi:]]
-
-    def _store(self, layer: int, r: _Row, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the window's K/V into the sequence's whole-canvas cache (allocated on first use).
+    def _store(self, layer: int, r: _Row, at: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the window's K/V (`k[at : at + r.length]` of the call's token-major keys) into the
+        sequence's whole-canvas cache (allocated on first use).
 
         Positions outside the window keep what earlier forwards stored: Fast-dLLM's storing forwards
         cover the whole canvas, d3LLM's delayed cache appends blocks after a frozen prefix.
@@ -273,7 +302,7 @@ class BatchedCacheAttention:
         seq = r.seq
         if seq.kv is None:
             rows = r.spec.input_ids.shape[0]
-            shape = (rows, k.shape[0], seq.length, k.shape[-1])
+            shape = (rows, seq.length, k.shape[1], k.shape[2])
             n_layers = seq.state["_num_layers"]
             seq.kv = KVCache(
                 keys=[k.new_zeros(shape) for _ in range(n_layers)],
@@ -281,8 +310,8 @@ class BatchedCacheAttention:
                 valid=torch.zeros(rows, seq.length, dtype=torch.bool, device=k.device),
             )
         lo, hi = r.spec.offset, r.spec.offset + r.length
-        seq.kv.keys[layer][r.row, :, lo:hi] = k
-        seq.kv.values[layer][r.row, :, lo:hi] = v
+        seq.kv.keys[layer][r.row, lo:hi] = k[at : at + r.length]
+        seq.kv.values[layer][r.row, lo:hi] = v[at : at + r.length]
         if layer == 0:  # the same for every layer
             seq.kv.valid[r.row, lo:hi] = r.tokens(self.new_valid)
 
