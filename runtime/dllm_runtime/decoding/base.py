@@ -83,9 +83,10 @@ class ForwardSpec:
 class KVCache:
     """Per-sequence block KV cache: post-RoPE keys/values of every canvas position, per layer.
 
-    Token-major, so the step loop gathers every row's keys of a layer with one `index_select`."""
+    Token-major, so the step loop gathers every row's keys of a layer with one `index_select`: row r's
+    canvas position p is at `r * L + p`."""
 
-    keys: list[torch.Tensor]  # per layer (R, L, Hkv, D)
+    keys: list[torch.Tensor]  # per layer (R * L, Hkv, D)
     values: list[torch.Tensor]
     valid: torch.Tensor  # (R, L) bool
 

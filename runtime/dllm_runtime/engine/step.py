@@ -233,9 +233,9 @@ class BatchedCacheAttention:
 
     A reading row attends to its cache before the window, the window's new keys, its cache after
     (Fast-dLLM's prefix/dual order); other rows to their new keys. Caches are token-major,
-    `(R, L, Hkv, D)` per layer, so every row's keys come out of one `cat` (the reading rows' caches
-    and the call's new keys) and one `index_select` with an index made at the first layer: the work
-    per layer does not grow with the rows. (Slicing each row's pieces per layer cost ~35 us of host
+    `(R * L, Hkv, D)` per layer, so every row's keys come out of one `cat` (the reading sequences'
+    caches and the call's new keys) and one `index_select` with an index made at the first layer: the
+    Python work per layer does not grow with the rows. (Slicing each row's pieces per layer cost ~35 us of host
     time per row and layer: ~40 ms per step at 32 rows x 32 layers, more than the GPU needs.)
     """
 
@@ -243,7 +243,7 @@ class BatchedCacheAttention:
         self.rows = rows
         self.new_valid = new_valid  # (B, T) of the model call
         self.keys: RowKeys | None = None  # set at the first layer, after its stores (which may allocate)
-        self._caches: list[tuple[KVCache, int]] = []  # (cache, row) of each reading row, in row order
+        self._caches: list[KVCache] = []  # the reading sequences' caches, each once
         self._gather: torch.Tensor | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -261,24 +261,26 @@ class BatchedCacheAttention:
 
     def _end_to_end(self, layer: int, kind: str, new: torch.Tensor) -> torch.Tensor:
         """Every row's keys (`kind="keys"`) or values in key order, rows end to end: `(sum K_i, Hkv, D)`."""
-        caches = [getattr(kv, kind)[layer][row] for kv, row in self._caches]
+        caches = [getattr(kv, kind)[layer] for kv in self._caches]
         return torch.cat([*caches, new]).index_select(0, self._gather)
 
     def _gather_index(self, width: int, device: torch.device) -> torch.Tensor:
         """Where each row's keys are in `cat(reading rows' caches, the call's new keys)`."""
-        at, cache_starts = 0, []
+        at, cache_starts = 0, {}
         for r in self.rows:
-            if r.spec.use_cache:
-                self._caches.append((r.seq.kv, r.row))
-                cache_starts.append(at)
-                at += r.seq.length
-        starts, parts = iter(cache_starts), []
+            kv = r.seq.kv
+            if r.spec.use_cache and id(kv) not in cache_starts:
+                self._caches.append(kv)
+                cache_starts[id(kv)] = at
+                at += kv.keys[0].shape[0]
+        parts = []
         for r in self.rows:
             own = torch.arange(r.length) + (at + r.b * width + r.start)
             if not r.spec.use_cache:
                 parts.append(own)
                 continue
-            c, lo, hi = next(starts), r.spec.offset, r.spec.offset + r.length
+            c = cache_starts[id(r.seq.kv)] + r.row * r.seq.length  # this row's canvas in its cache
+            lo, hi = r.spec.offset, r.spec.offset + r.length
             parts += [torch.arange(c, c + lo), own, torch.arange(c + hi, c + r.seq.length)]
         return torch.cat(parts).to(device)
 
@@ -302,7 +304,7 @@ class BatchedCacheAttention:
         seq = r.seq
         if seq.kv is None:
             rows = r.spec.input_ids.shape[0]
-            shape = (rows, seq.length, k.shape[1], k.shape[2])
+            shape = (rows * seq.length, k.shape[1], k.shape[2])
             n_layers = seq.state["_num_layers"]
             seq.kv = KVCache(
                 keys=[k.new_zeros(shape) for _ in range(n_layers)],
@@ -310,8 +312,9 @@ class BatchedCacheAttention:
                 valid=torch.zeros(rows, seq.length, dtype=torch.bool, device=k.device),
             )
         lo, hi = r.spec.offset, r.spec.offset + r.length
-        seq.kv.keys[layer][r.row, lo:hi] = k[at : at + r.length]
-        seq.kv.values[layer][r.row, lo:hi] = v[at : at + r.length]
+        base = r.row * seq.length
+        seq.kv.keys[layer][base + lo : base + hi] = k[at : at + r.length]
+        seq.kv.values[layer][base + lo : base + hi] = v[at : at + r.length]
         if layer == 0:  # the same for every layer
             seq.kv.valid[r.row, lo:hi] = r.tokens(self.new_valid)
 
