@@ -66,6 +66,7 @@ class RowKeys:
         self._groups: list[_Group] | None = None
         self._plain: bool | None = None
         self._tokens: torch.Tensor | None = None
+        self._all_tokens = False  # every position of the call is a row's token (rows tile it in order)
         self._varlen: _VarlenPlan | None = None
 
     # ------------------------------------------------------------------ per-group SDPA (CPU, exact)
@@ -120,9 +121,11 @@ class RowKeys:
         """The rows' tokens of a `(B, H, T, D)` tensor of the model call, end to end: `(sum T_i, H, D)`."""
         b, h, width, d = t.shape
         if self._tokens is None:
+            self._all_tokens = sum(r.length for r in self.rows) == b * width  # no padding in the call
             flat = [torch.arange(r.length) + (r.b * width + r.start) for r in self.rows]
             self._tokens = torch.cat(flat).to(t.device)
-        return t.transpose(1, 2).reshape(b * width, h, d).index_select(0, self._tokens)
+        tokens = t.transpose(1, 2).reshape(b * width, h, d)
+        return tokens if self._all_tokens else tokens.index_select(0, self._tokens)
 
     def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Every row in one `varlen_attention` call. `k`/`v` `(sum K_i, Hkv, D)` are the rows' keys end
@@ -133,8 +136,9 @@ class RowKeys:
             k, v = k.index_select(0, plan.keep), v.index_select(0, plan.keep)
         packed = varlen_attention(self.own_tokens(q), k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
         b, h, width, d = q.shape
-        out = q.new_zeros(b * width, h, d).index_copy_(0, self._tokens, packed)
-        return out.view(b, width, h, d).transpose(1, 2)
+        if not self._all_tokens:  # put the rows' outputs back among the call's padding
+            packed = q.new_zeros(b * width, h, d).index_copy_(0, self._tokens, packed)
+        return packed.view(b, width, h, d).transpose(1, 2)
 
     def _varlen_plan(self, device: torch.device) -> _VarlenPlan:
         if self._varlen is None:
