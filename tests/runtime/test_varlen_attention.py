@@ -12,7 +12,11 @@ lands where the per-group SDPA path puts it; the real kernel's numerics are for 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,8 @@ from dllm_runtime.engine import step
 from dllm_runtime.engine.step import _Row, batched_forward, ragged_sdpa, run_to_completion
 from dllm_runtime.models import attention
 from tests.runtime.golden_replay import one_thread, random_spec, tiny_model  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,6 +94,21 @@ def test_dispatch_stays_on_sdpa_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch)
     assert attention.varlen_available()
     assert not step.use_varlen(torch.zeros(1, 2, 3, 4))
     assert not step.use_varlen(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16))
+
+
+def test_cpu_processes_never_load_the_varlen_kernel() -> None:
+    """torch's varlen module imports torch._dynamo (~1.3 s): a CPU process (tests, CLI, CPU serving) that
+    imports the engine and runs a forward must not pay for it; the kernel is looked up on a GPU's first use."""
+    script = (
+        "import sys, torch\n"
+        "from dllm_runtime.engine import step\n"
+        "from dllm_runtime.models import attention\n"
+        "assert not step.use_varlen(torch.zeros(1, 2, 3, 4))\n"
+        "print(attention._flash_attn_varlen_func is attention._UNRESOLVED, 'torch._dynamo' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "runtime"), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
 
 
 @pytest.mark.parametrize("model_name", ["llada_tiny", "dream_tiny"])  # dream_tiny: 4 q heads, 2 kv heads

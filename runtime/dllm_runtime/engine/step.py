@@ -211,7 +211,7 @@ def use_varlen(q: torch.Tensor) -> bool:
     launch for the whole batch instead of one per distinct length; GPU kernels are not
     batch-invariant anyway, while the CPU keeps the per-group SDPA that makes a row's logits bit-identical in any batch.
     """
-    return varlen_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available()
 
 
 def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:

@@ -35,7 +35,7 @@ class KeyMaskAttention:
 
 def varlen_available() -> bool:
     """Whether a varlen kernel is there: flash-attn's, else PyTorch's own (both CUDA fp16/bf16 only)."""
-    return _flash_attn_varlen_func is not None
+    return _varlen_kernel() is not None
 
 
 def varlen_attention(
@@ -53,9 +53,10 @@ def varlen_attention(
     `cu_seqlens_*[i]:cu_seqlens_*[i + 1]` (int32, on q's device); keys hold no padding, so no mask
     is needed. GQA (Hkv < Hq) is allowed. Returns `(sum T_i, Hq, D)`. Needs `varlen_available()`.
     """
-    if _flash_attn_varlen_func is None:
+    kernel = _varlen_kernel()
+    if kernel is None:
         raise RuntimeError("no varlen attention kernel: install flash-attn or use torch >= 2.10")
-    return _flash_attn_varlen_func(
+    return kernel(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False
     )
 
@@ -103,4 +104,15 @@ def torch_varlen_func() -> Callable[..., torch.Tensor] | None:
     return call
 
 
-_flash_attn_varlen_func = load_flash_attn("flash_attn_varlen_func") or torch_varlen_func()
+_UNRESOLVED = object()
+#: the varlen kernel, looked up on first use (`_varlen_kernel`); tests and bench/step_host.py replace it
+_flash_attn_varlen_func: Callable[..., torch.Tensor] | None | object = _UNRESOLVED
+
+
+def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
+    """Look the kernel up when a GPU forward first asks, not at import: importing torch's varlen module
+    pulls in torch._dynamo (~1.3 s), which CPU processes (tests, the CLI, CPU serving) never need."""
+    global _flash_attn_varlen_func
+    if _flash_attn_varlen_func is _UNRESOLVED:
+        _flash_attn_varlen_func = load_flash_attn("flash_attn_varlen_func") or torch_varlen_func()
+    return _flash_attn_varlen_func  # type: ignore[return-value]
