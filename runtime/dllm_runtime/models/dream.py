@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dllm_runtime.models.base import AttentionContext, SpecialIds
-from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu
+from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu, token_embedding
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class _Backbone(nn.Module):
 
     def __init__(self, cfg: DreamConfig, rotary: Rotary) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DreamLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -17,6 +17,15 @@ from dllm_runtime.models.attention import load_flash_attn, sdpa
 from dllm_runtime.models.base import AttentionContext, DiffusionModel, SpecialIds
 
 
+def token_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """`nn.Embedding`, left uninitialised when built on the meta device (the loader's skeleton, filled
+    from safetensors). Why: its `normal_` init on meta runs a Python decomposition that imports
+    torch._dynamo, ~1.3 s of every process's model load spent on numbers that are thrown away."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+    return nn.Embedding(num_embeddings, dim)
+
+
 class RMSNorm(nn.Module):
     """`w ⊙ cast_back(x_fp32 · rsqrt(mean(x_fp32²) + eps))` (LLaDA and Qwen2 agree on this form)."""
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dllm_runtime.models.base import AttentionContext, SpecialIds
-from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu
+from dllm_runtime.models.layers import AttentionLayer, NativeModel, RMSNorm, Rotary, swiglu, token_embedding
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class _Transformer(nn.Module):
 
     def __init__(self, cfg: LLaDAConfig, rotary: Rotary) -> None:
         super().__init__()
-        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.wte = token_embedding(cfg.embedding_size, cfg.d_model)
         self.blocks = nn.ModuleList(LLaDABlock(cfg, i, rotary) for i in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.weight_tying:
