@@ -9,7 +9,7 @@ import torch
 
 from dllm_runtime.models import DreamModel, LLaDAModel, SpecialIds, load_model
 from dllm_runtime.models.attention import KeyMaskAttention, sdpa
-from dllm_runtime.models.layers import Rotary
+from dllm_runtime.models.layers import RMSNorm, Rotary
 from tests.runtime.golden_replay import golden_cases, golden_tensors, one_thread, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -205,6 +205,20 @@ def test_rotary_is_bit_identical_to_the_references_rotate_half(full_precision: b
 
     rq, rk = rotary(q, k, rotary.cos_sin(positions))
     assert torch.equal(rq, reference(q)) and torch.equal(rk, reference(k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [16, 64, 896, 4096])
+def test_rms_norm_is_bit_identical_to_the_references(dtype: torch.dtype, width: int) -> None:
+    """`RMSNorm` computes its fp32 part with `F.rms_norm` (one kernel on a GPU); on a CPU it must equal the
+    released modeling code's `w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)` bit for bit."""
+    gen = torch.Generator().manual_seed(width)
+    norm = RMSNorm(width, 1e-5)
+    norm.weight.data = torch.randn(width, generator=gen).to(dtype)
+    x = (3 * torch.randn(2, 37, width, generator=gen)).to(dtype)
+    x32 = x.float()
+    reference = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), reference)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])

@@ -27,7 +27,11 @@ def token_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
 
 
 class RMSNorm(nn.Module):
-    """`w ⊙ cast_back(x_fp32 · rsqrt(mean(x_fp32²) + eps))` (LLaDA and Qwen2 agree on this form)."""
+    """`w ⊙ cast_back(x_fp32 · rsqrt(mean(x_fp32²) + eps))` (LLaDA and Qwen2 agree on this form).
+
+    The fp32 part is `F.rms_norm`: on a CPU it runs exactly those ops (bit-identical, the golden tests
+    pin it), on a GPU it is one fused kernel instead of seven launches, twice per layer.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -35,10 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
