@@ -10,6 +10,7 @@ raises (failure isolation) and a model wrapper that boosts the EOS logit (early 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -327,32 +328,59 @@ async def test_waiting_queue_overflow_is_retryable_error(llada: DiffusionModel) 
 
 
 class FailingPolicy(DecodingPolicy):
-    """Test-only: a real policy that raises in `commit` on its `fail_at`-th step."""
+    """Test-only: a real policy that breaks `where` it is told: in `init`, in its `fail_at`-th `commit`,
+    or with ids that break the embedding lookup of its `fail_at`-th forward. Records the thread `init` ran on."""
 
-    def __init__(self, inner: DecodingPolicy, fail_at: int = 3, bad_forward: bool = False) -> None:
-        self.inner, self.fail_at, self.bad_forward, self.calls = inner, fail_at, bad_forward, 0
+    def __init__(self, inner: DecodingPolicy, where: str = "commit", fail_at: int = 3) -> None:
+        self.inner, self.where, self.fail_at, self.calls = inner, where, fail_at, 0
+        self.init_thread: str | None = None
 
     def init(self, seq: Sequence) -> None:
+        self.init_thread = threading.current_thread().name
+        if self.where == "init":
+            raise RuntimeError("injected start-up failure")
         self.inner.init(seq)
 
     def plan(self, seq: Sequence) -> ForwardSpec | None:
         spec = self.inner.plan(seq)
-        if self.bad_forward and spec is not None and seq.nfe + 1 == self.fail_at:
+        if self.where == "forward" and spec is not None and seq.nfe + 1 == self.fail_at:
             spec.input_ids = torch.full_like(spec.input_ids, 10**6)  # breaks the embedding lookup
         return spec
 
     def commit(self, seq: Sequence, logits: torch.Tensor) -> None:
         self.calls += 1
-        if not self.bad_forward and self.calls == self.fail_at:
+        if self.where == "commit" and self.calls == self.fail_at:
             raise RuntimeError("injected policy failure")
         self.inner.commit(seq, logits)
 
 
-@pytest.mark.parametrize("where", ["commit", "forward"])
+async def test_requests_start_on_the_worker_thread_not_the_event_loop(llada: DiffusionModel) -> None:
+    """Canvas, generator and policy state are made by the engine's worker at admission: on a GPU a
+    host-to-device copy or read-back on the event loop would wait for the forward in flight."""
+    policies: list[FailingPolicy] = []
+
+    def factory(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
+        policies.append(FailingPolicy(build_policy(params, model), where="nowhere"))
+        return policies[-1]
+
+    kw = dict(algorithm="llada", max_tokens=16, block_length=8, steps=16)
+    plain, _ = started(llada)
+    engine = AsyncEngine(llada, TOK, EngineConfig(), policy_factory=factory)
+    engine.start()
+    try:
+        expected = await collect(plain, req("a", "one two", **kw))
+        got = await collect(engine, req("a", "one two", **kw))
+    finally:
+        await asyncio.gather(plain.shutdown(5), engine.shutdown(5))
+    assert [p.init_thread for p in policies] == ["dllm-engine"]
+    assert got.key() == expected.key()
+
+
+@pytest.mark.parametrize("where", ["init", "commit", "forward"])
 async def test_failing_request_fails_alone(llada: DiffusionModel, where: str) -> None:
     def factory(params: DecodingParams, model: DiffusionModel) -> DecodingPolicy:
         policy = build_policy(params, model)
-        return FailingPolicy(policy, bad_forward=where == "forward") if params.seed == 666 else policy
+        return FailingPolicy(policy, where) if params.seed == 666 else policy
 
     rec = Recorder()
     engine = AsyncEngine(llada, TOK, EngineConfig(), observer=rec, policy_factory=factory)
@@ -364,9 +392,12 @@ async def test_failing_request_fails_alone(llada: DiffusionModel, where: str) ->
         results = await asyncio.gather(collect(engine, bad), *(collect(engine, req(n, p, **kw)) for n, p, kw in good))
         failed, others = results[0], results[1:]
         assert failed.final.finish_reason == "error"
-        assert ("injected policy failure" in failed.final.error) if where == "commit" else failed.final.error
+        if where != "forward":
+            assert f"injected {'start-up' if where == 'init' else 'policy'} failure" in failed.final.error
+        assert failed.final.error
         assert [r.key() for r in others] == [r.key() for r in alone]
         assert engine.stats().num_running == 0
+        assert engine.stats().reserved_cache_bytes == 0
     finally:
         await engine.shutdown(5)
 

@@ -1,9 +1,9 @@
 """`AsyncEngine`: continuous batching of diffusion sequences at step granularity.
 
 Threading model. The event loop (the server) only submits, cancels and reads: `generate` validates
-and enqueues a request, then awaits its per-request `asyncio.Queue`. One worker thread owns the
-model, the device and every `Sequence`; it loops: apply cancellations, admit waiting requests
-(`Scheduler`), run one batched forward over every running sequence (`engine.step.run_step`, the
+and enqueues a request, then awaits its per-request `asyncio.Queue`; it never touches the device. One
+worker thread owns the model, the device and every `Sequence`; it loops: apply cancellations, admit
+waiting requests (`Scheduler`) and lay out their canvases, run one batched forward over every running sequence (`engine.step.run_step`, the
 same loop the conformance runner uses), then turn each sequence's newly finalised prefix into a
 `GenerationOutput` and hand the step's outputs to their loop with one `loop.call_soon_threadsafe`.
 The loop is never blocked by a forward; the worker never touches asyncio objects except through
@@ -54,7 +54,7 @@ class _Tracked:
     """Engine-side state of one request, from submission to its final output."""
 
     request: GenerationRequest
-    seq: Sequence
+    prompt: list[int]
     policy: DecodingPolicy
     footprint: Footprint
     detok: IncrementalDetokenizer
@@ -62,7 +62,9 @@ class _Tracked:
     queue: asyncio.Queue
     arrival: float
     max_tokens: int
+    slots: int  # generation slots on the canvas
     ignore_eos: bool = False  # vLLM's ignore_eos: EOS/EoT do not end the answer
+    seq: Sequence | None = None  # made by the worker at admission (`AsyncEngine._start`)
     first_step: float | None = None
     first_token: float | None = None
     steps: int = 0
@@ -231,27 +233,17 @@ class AsyncEngine:
         footprint = Footprint(rows=rows, canvas=canvas_len, cache_bytes=cache)
         self._scheduler.check_fits(footprint)
 
-        special = self.model.special_ids
-        canvas = torch.full((1, canvas_len), special.mask, dtype=torch.long, device=self.device)
-        canvas[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        seq = Sequence(
-            canvas=canvas,
-            prompt_len=len(prompt),
-            special=special,
-            rng=RandomSource(params.seed, self.device),
-        )
         try:
             factory = self._policy_factory
             if factory is None:
                 from dllm_runtime.decoding.registry import build_policy as factory  # decoders load lazily
             policy = factory(params, self.model)
-            policy.init(seq)
         except ValueError as exc:
             raise RequestValidationError(str(exc), _param_of(exc)) from None
 
         tracked = _Tracked(
             request=request,
-            seq=seq,
+            prompt=prompt,
             policy=policy,
             footprint=footprint,
             detok=IncrementalDetokenizer(self.tokenizer, stop),
@@ -259,7 +251,7 @@ class AsyncEngine:
             queue=asyncio.Queue(),
             arrival=time.monotonic(),
             max_tokens=params.max_tokens,
-            # read with getattr: DecodingParams gains the field where its owner adds it
+            slots=slots,
             ignore_eos=params.ignore_eos,
         )
         with self._wakeup:
@@ -335,8 +327,32 @@ class AsyncEngine:
             tracked.running = True
             tracked.first_step = now
             self._running.append(tracked)
-        self._step()
+            try:
+                self._start(tracked)
+            except Exception as exc:  # the policy's own start-up: this request only
+                logger.exception("request %s failed to start", tracked.request.request_id)
+                self._finish(tracked, "error", f"{type(exc).__name__}: {exc}")
+        if self._running:
+            self._step()
         return True
+
+    def _start(self, tracked: _Tracked) -> None:
+        """The device side of admission: the request's canvas, generator and policy state.
+
+        Here on the worker, not in `generate`: on a GPU a host-to-device copy or a read-back on the
+        event loop would wait for the forward in flight (one stream), stalling every other client
+        for up to a step. What can be refused (params, lengths, the policy's settings) was checked
+        at submission; a policy whose `init` still raises fails this request alone.
+        """
+        special = self.model.special_ids
+        canvas = torch.tensor([tracked.prompt + [special.mask] * tracked.slots], dtype=torch.long, device=self.device)
+        tracked.seq = Sequence(
+            canvas=canvas,
+            prompt_len=len(tracked.prompt),
+            special=special,
+            rng=RandomSource(tracked.request.params.seed, self.device),
+        )
+        tracked.policy.init(tracked.seq)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -441,8 +457,10 @@ class AsyncEngine:
             return
         now = time.monotonic()
         seq = tracked.seq
-        seq.finished = True
-        seq.kv = None  # free the block KV cache now, not when the last reference goes
+        nfe = 0 if seq is None else seq.nfe
+        if seq is not None:
+            seq.finished = True
+            seq.kv = None  # free the block KV cache now, not when the last reference goes
         # bookkeeping before the final output, so a consumer that saw it also sees the freed slot
         with self._lock:
             tracked.done = True
@@ -465,9 +483,9 @@ class AsyncEngine:
                 token_ids_delta=list(ids or []),
                 finished=True,
                 finish_reason=reason,
-                prompt_tokens=seq.prompt_len,
+                prompt_tokens=len(tracked.prompt),
                 completion_tokens=len(tracked.detok.token_ids),
-                nfe=seq.nfe,
+                nfe=nfe,
                 error=error if reason in ("error", "abort") else None,
             ),
         )
@@ -475,9 +493,9 @@ class AsyncEngine:
             "on_request_finished",
             RequestStats(
                 request_id=tracked.request.request_id,
-                prompt_tokens=seq.prompt_len,
+                prompt_tokens=len(tracked.prompt),
                 completion_tokens=len(tracked.detok.token_ids),
-                nfe=seq.nfe,
+                nfe=nfe,
                 steps=tracked.steps,
                 finish_reason=reason,
                 queue_time_s=(tracked.first_step or now) - tracked.arrival,
