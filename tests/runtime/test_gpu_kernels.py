@@ -1,4 +1,4 @@
-"""The GPU attention kernels of the step loop, on a real CUDA device (issue #7).
+"""The GPU kernels of the step loop (attention, fused RMSNorm), on a real CUDA device (issue #7).
 
 Skipped where there is no CUDA GPU (CI, laptops): these run on a GPU machine only, with
 `python -m pytest tests/runtime/test_gpu_kernels.py`. The CPU suite checks the same paths with a
@@ -70,3 +70,20 @@ def test_cached_decode_runs_on_the_varlen_kernel(cache: str) -> None:
     for seq, _ in batch:
         assert not (seq.canvas[0, seq.prompt_len :] == model.special_ids.mask).any()
         assert 0 < seq.nfe <= 16
+
+
+@pytest.mark.parametrize(("dtype", "one_step"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
+def test_rms_norm_accumulates_half_input_in_fp32(dtype: torch.dtype, one_step: float) -> None:
+    """`RMSNorm` hands half-precision activations straight to `F.rms_norm` (one fused kernel): the kernel
+    must upcast as the released code does (`x.float()`, normalise, cast back), so at most one rounding
+    step apart from that route, at LLaDA-8B's width."""
+    from dllm_runtime.models.layers import RMSNorm
+
+    norm = RMSNorm(4096, 1e-5).to("cuda", dtype)  # weight ones: the normalised values themselves
+    x = (3 * torch.randn(4, 300, 4096, device="cuda")).to(dtype)
+    with torch.inference_mode():
+        got = norm(x)
+        reference = torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(dtype)
+    assert got.dtype == dtype
+    # computing in the half type instead misses by more (checked on a CPU with the same inputs)
+    torch.testing.assert_close(got.float(), reference.float(), rtol=one_step, atol=0)

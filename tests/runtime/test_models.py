@@ -186,7 +186,8 @@ def test_rope_positions_change_logits(llada):
 @pytest.mark.parametrize("full_precision", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_is_bit_identical_to_the_references_rotate_half(full_precision: bool, dtype: torch.dtype) -> None:
-    """`Rotary` uses roll + a pre-signed sin table; it must equal the HF `x*cos + rotate_half(x)*sin` bit for bit."""
+    """`Rotary` uses roll + a pre-signed sin table and rotates q and k heads together, token-major; it must
+    equal the HF `x*cos + rotate_half(x)*sin` on each of them bit for bit."""
     rotary = Rotary(64, 500000.0, full_precision)
     gen = torch.Generator().manual_seed(0)
     positions = torch.randint(0, 4096, (3, 50), generator=gen)
@@ -203,11 +204,11 @@ def test_rotary_is_bit_identical_to_the_references_rotate_half(full_precision: b
         half = x.shape[-1] // 2
         return (x32 * cos + torch.cat([-x32[..., half:], x32[..., :half]], dim=-1) * sin).type_as(x)
 
-    rq, rk = rotary(q, k, rotary.cos_sin(positions))
-    assert torch.equal(rq, reference(q)) and torch.equal(rk, reference(k))
+    rotated = rotary(torch.cat([q, k], dim=1).transpose(1, 2), rotary.cos_sin(positions)).transpose(1, 2)
+    assert torch.equal(rotated[:, :4], reference(q)) and torch.equal(rotated[:, 4:], reference(k))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("width", [16, 64, 896, 4096])
 def test_rms_norm_is_bit_identical_to_the_references(dtype: torch.dtype, width: int) -> None:
     """`RMSNorm` computes its fp32 part with `F.rms_norm` (one kernel on a GPU); on a CPU it must equal the
