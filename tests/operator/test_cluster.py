@@ -196,14 +196,28 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def job_started(kube: Kube, ns: str, name: str) -> None:
+    """Wait until the real Job controller has made the Job's pod and written its first status.
+
+    Its status write replaces the whole status (Get, set, UpdateStatus), so a condition patched in
+    before it lands is silently dropped: the Job reads Running again, and the operator keeps waiting
+    for a download that already "finished". After it, the controller leaves the Job's status alone
+    (nothing changes its pod: no kubelet) and a finished Job is never synced again.
+    """
+    eventually(lambda: (((get(kube, JOB, ns, name) or {}).get("status") or {}).get("active") or 0) >= 1,
+               what=f"Job {name} started by the Job controller")
+
+
 def complete_job(kube: Kube, ns: str, name: str) -> None:
     """What the Job controller writes when the download pod succeeds (no kubelet here)."""
+    job_started(kube, ns, name)
     t = now()
     merge(kube, JOB, ns, name, {"status": {"startTime": t, "completionTime": t, "succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True", "lastProbeTime": t, "lastTransitionTime": t}]}}, status=True)
 
 
 def fail_job(kube: Kube, ns: str, name: str) -> None:
+    job_started(kube, ns, name)
     t = now()
     merge(kube, JOB, ns, name, {"status": {"startTime": t, "failed": 1, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
