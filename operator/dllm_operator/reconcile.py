@@ -138,7 +138,7 @@ class Reconciler:
         self._apply_optional(build_pvc(dlm), obs)
         download = self._download(dlm, obs, previous.get("download") or {}, now)
         self._runtime(dlm, obs)
-        self._inference_service(dlm, obs)
+        self._inference_service(dlm, obs, previous.get("storageUri"))
 
         status = compute_status(obs, previous, rfc3339(now))
         status["servedModelName"] = dlm.model.served_model_name
@@ -253,13 +253,18 @@ class Reconciler:
                 found = None
         obs.runtime_found = found is not None
 
-    def _inference_service(self, dlm: api.DiffusionLM, obs: Observation) -> None:
+    def _inference_service(self, dlm: api.DiffusionLM, obs: Observation, last_served: str | None) -> None:
+        """Serve the desired URI once it is downloaded; until then keep serving what was served.
+
+        `last_served` (the status' `storageUri`) stands in for an InferenceService deleted by hand
+        mid-rollout: it comes back on the old revision at once, not after the new download.
+        """
         existing = self.kube.get("serving.kserve.io/v1beta1", "InferenceService", dlm.namespace, dlm.name)
         current_uri = (((existing or {}).get("spec") or {}).get("predictor") or {}).get("model", {}).get("storageUri")
         if obs.cache_mode == "None" or obs.job_state == "Complete":
             uri = obs.desired_uri
         else:
-            uri = current_uri  # keep serving the previous revision until the new one is downloaded
+            uri = current_uri or last_served  # the previous revision stays on the cache until the switch
         obs.isvc, obs.serving_uri = existing, current_uri
         if not uri:
             return

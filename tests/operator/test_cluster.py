@@ -311,6 +311,12 @@ def test_lifecycle_download_deploy_ready_update_repair_rollout_delete(operator, 
     st = eventually(lambda: (s := get(kube, DLM, ns, "llada")["status"])["download"]["revision"] == "v2" and s)
     assert get(kube, ISVC, ns, "llada")["spec"]["predictor"]["model"]["storageUri"].endswith("/main")
     eventually(lambda: cond(get(kube, DLM, ns, "llada"), "Ready").get("reason") == "RollingOut", what="RollingOut")
+    # deleted by hand mid-rollout: back at once, on the revision that is still being served
+    rolling_uid = get(kube, ISVC, ns, "llada")["metadata"]["uid"]
+    kube.delete(*ISVC, ns, "llada")
+    isvc = eventually(lambda: (i := get(kube, ISVC, ns, "llada")) and i["metadata"]["uid"] != rolling_uid and i,
+                      what="InferenceService re-created during the rollout")
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("/main")
     complete_job(kube, ns, new_job)
     eventually(lambda: get(kube, ISVC, ns, "llada")["spec"]["predictor"]["model"]["storageUri"].endswith("/v2"),
                what="storageUri switched to v2")
