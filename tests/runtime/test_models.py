@@ -204,7 +204,7 @@ def test_rotary_is_bit_identical_to_the_references_rotate_half(full_precision: b
         half = x.shape[-1] // 2
         return (x32 * cos + torch.cat([-x32[..., half:], x32[..., :half]], dim=-1) * sin).type_as(x)
 
-    rotated = rotary(torch.cat([q, k], dim=1).transpose(1, 2), rotary.cos_sin(positions)).transpose(1, 2)
+    rotated = rotary(torch.cat([q, k], dim=1).transpose(1, 2), rotary.cos_sin(positions, dtype)).transpose(1, 2)
     assert torch.equal(rotated[:, :4], reference(q)) and torch.equal(rotated[:, 4:], reference(k))
 
 

@@ -3,11 +3,11 @@
 Threading model. The event loop (the server) only submits, cancels and reads: `generate` validates
 and enqueues a request, then awaits its per-request `asyncio.Queue`; it never touches the device. One
 worker thread owns the model, the device and every `Sequence`; it loops: apply cancellations, admit
-waiting requests (`Scheduler`) and lay out their canvases, run one batched forward over every running sequence (`engine.step.run_step`, the
-same loop the conformance runner uses), then turn each sequence's newly finalised prefix into a
-`GenerationOutput` and hand the step's outputs to their loop with one `loop.call_soon_threadsafe`.
-The loop is never blocked by a forward; the worker never touches asyncio objects except through
-that call.
+waiting requests (`Scheduler`) and lay out their canvases, run one batched forward over every running
+sequence (`engine.step.run_step`, the same loop the conformance runner uses), then turn each
+sequence's newly finalised prefix into a `GenerationOutput` and hand the step's outputs to their loop
+with one `loop.call_soon_threadsafe`. The loop is never blocked by a forward; the worker never touches
+asyncio objects except through that call.
 
 Shared state (waiting queue, cancel set, counters) is guarded by one lock held only for
 bookkeeping, never across a forward.

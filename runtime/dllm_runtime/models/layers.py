@@ -75,20 +75,24 @@ class Rotary(nn.Module):
             self._inv_freq[device] = cached
         return cached
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 `(B, T, 1, D)` tables for integer `positions` `(B, T)`: cos, and sin with its first half
-        negated (see `_rotate`; made once per forward, used by every layer)."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, T, 1, D)` tables for integer `positions` `(B, T)`: cos, and sin with its first half
+        negated (see `_rotate`). Computed in fp32 and, unless `full_precision`, cast to the activations'
+        `dtype` as the reference casts them; made once per forward, used by every layer."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
         sin, half = emb.sin(), freqs.shape[-1]  # the references' tables, then an exact sign flip
-        return emb.cos(), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        cos, signed_sin = emb.cos(), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        if self.full_precision:
+            return cos, signed_sin
+        return cos.to(dtype), signed_sin.to(dtype)
 
     def forward(self, qk: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`qk` `(B, T, H, D)`: query and key heads of every token, rotated alike (RoPE is per head)."""
         cos, sin = cos_sin
         if self.full_precision:
             return _rotate(qk.float(), cos, sin).type_as(qk)
-        return _rotate(qk, cos.to(qk.dtype), sin.to(qk.dtype))
+        return _rotate(qk, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -201,7 +205,7 @@ class NativeModel(DiffusionModel):
     ) -> torch.Tensor:
         embed, layers, norm, head = self.stack()
         x = embed(input_ids)
-        cos_sin = self.rotary.cos_sin(positions)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in layers:
             x = layer(x, cos_sin, attention)
         if logits_index is not None:  # the final norm is per position: select first, then norm + head
