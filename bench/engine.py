@@ -14,7 +14,9 @@ with the tokens the model computes per forward (what a KV cache saves).
     python bench/engine.py --tiny-width 16 --tiny-layers 1   # near-free forwards: engine overhead shows
 
 Prompts are GSM8K questions (data/gsm8k_test.jsonl), truncated to `--prompt-bytes`, so prompt
-lengths differ between requests as they do in serving. On CPU keep `--threads` at what the
+lengths differ between requests as they do in serving. Requests stream (every step's new text is
+handed to the event loop, as streaming clients get it); `--no-stream` makes them non-streaming, one
+output each, like `stream: false` API calls. On CPU keep `--threads` at what the
 machine really has free; the numbers are wall-clock and depend on the machine's load.
 """
 
@@ -135,7 +137,8 @@ async def run_level(model: Any, tokenizer: Any, args: argparse.Namespace, conc: 
 
     async def one(i: int, prompt: list[int]) -> None:
         async with sem:
-            async for out in engine.generate(GenerationRequest(f"r{i}", prompt, base_params(args, seed=i))):
+            request = GenerationRequest(f"r{i}", prompt, base_params(args, seed=i), stream=not args.no_stream)
+            async for out in engine.generate(request):
                 if out.finished:
                     finals.append(out)
 
@@ -249,7 +252,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     print(f"\nmodel: {name}; device {args.device}, torch threads {torch.get_num_threads()}")
     print(
         f"workload: {len(workload)} GSM8K prompts (<= {args.prompt_bytes} bytes), algorithm={args.algorithm}, cache={args.cache}, "
-        f"max_tokens={args.max_tokens}, block_length={args.block_length}, steps={args.steps or 'max_tokens'}\n"
+        f"max_tokens={args.max_tokens}, block_length={args.block_length}, steps={args.steps or 'max_tokens'}, "
+        f"{'non-streaming (one output each)' if args.no_stream else 'streaming'}\n"
     )
     print(
         f"{'conc':>5} {'tok/s':>9} {'req/s':>8} {'x c1':>6} {'tok/cpu-s':>10} {'x c1':>6} {'batch':>6} "
@@ -309,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: one per generation slot")
     parser.add_argument("--prompt-bytes", type=int, default=64)
     parser.add_argument("--nfe-requests", type=int, default=8)
+    parser.add_argument("--no-stream", action="store_true",
+                        help="non-streaming requests, one output each (default: every request streams its deltas)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cpu":

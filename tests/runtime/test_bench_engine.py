@@ -18,7 +18,7 @@ def test_bench_engine_runs_levels_rounds_and_the_nfe_table(tmp_path: Path) -> No
     out = tmp_path / "engine.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "engine.py"), "--concurrency", "1,2", "--requests", "4",
-         "--rounds", "2", "--nfe-requests", "1", "--algorithm", "fast_dllm", "--json", str(out)],
+         "--rounds", "2", "--nfe-requests", "1", "--algorithm", "fast_dllm", "--no-stream", "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr

@@ -278,6 +278,42 @@ async def test_streaming_deltas_concatenate_to_final_text(llada: DiffusionModel)
         assert res.text.startswith(acc)
 
 
+async def test_non_streaming_request_gets_one_output_holding_the_whole_stream(llada: DiffusionModel) -> None:
+    """`stream=False` (vLLM's FINAL_ONLY): one output, equal to a streamed run's deltas joined, with stop
+    strings, EOS and `max_tokens` alike; an aborted one still carries what was finalised before."""
+    kw = dict(algorithm="llada", max_tokens=64, block_length=8, steps=64)
+    engine, rec = started(llada)
+    try:
+        streamed = await collect(engine, req("s", "Stream this:", **kw))
+        stop = streamed.text[len(streamed.text) // 2 :][:2]
+        cases = [dict(kw), dict(kw, stop=[stop]), dict(kw, max_tokens=24, steps=24)]
+        reasons = []
+        for i, case in enumerate(cases):
+            expected = await collect(engine, req(f"a{i}", "Stream this:", **dict(case)))
+            request = req(f"b{i}", "Stream this:", **dict(case))
+            request.stream = False
+            got = await collect(engine, request)
+            assert len(got.outs) == 1
+            assert got.key() == expected.key()
+            reasons.append(got.final.finish_reason)
+        assert reasons[1] == "stop"
+        assert len(streamed.outs) > 2
+
+        slow = dict(algorithm="fast_dllm", max_tokens=64, block_length=8, threshold=1.0)
+        request = req("cut", "Stream this:", **slow)
+        request.stream = False
+        before = len(rec.steps)
+        task = asyncio.create_task(collect(engine, request))
+        await wait_for(lambda: len(rec.steps) > before + 20)  # a third of the canvas final, none sent
+        engine.cancel("cut")
+        cut = await task
+        free = await collect(engine, req("free", "Stream this:", **slow))
+    finally:
+        await engine.shutdown(5)
+    assert len(cut.outs) == 1 and cut.final.finish_reason == "abort"
+    assert cut.ids and free.ids[: len(cut.ids)] == cut.ids and free.text.startswith(cut.text)
+
+
 async def test_cancel_frees_batch_slot_and_cache(llada: DiffusionModel) -> None:
     engine, rec = started(llada)
     slow = dict(algorithm="fast_dllm", max_tokens=64, block_length=8, threshold=1.0, cache="dual")

@@ -19,17 +19,23 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 @dataclass
 class GenerationRequest:
-    """One generation: prompt token ids, decoding settings and optional stop strings."""
+    """One generation: prompt token ids, decoding settings and optional stop strings.
+
+    `stream=False` (an API request without `stream`): the request yields one output, the final,
+    carrying everything a stream would have sent (vLLM's FINAL_ONLY output kind): no per-step deltas
+    cross to the event loop for a client that reads only the end (`bench/engine.py --no-stream`).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: DecodingParams
     stop: list[str] = field(default_factory=list)
+    stream: bool = True
 
 
 @dataclass
 class GenerationOutput:
-    """One streamed delta of a request.
+    """One streamed delta of a request (with `stream=False`, the one output: all of it).
 
     `text_delta`/`token_ids_delta` cover only newly *finalised* text: the committed left-to-right
     prefix of the canvas, minus anything a stop string may still cut and minus an incomplete

@@ -177,7 +177,7 @@ class OpenAIServing:
                     seed = (seed + index) % 2**63  # distinct, reproducible choices under one seed
                 requests.append(GenerationRequest(
                     request_id=f"{job_id}-{index}", prompt_token_ids=ids,
-                    params=params.replace(seed=seed), stop=list(stop)))
+                    params=params.replace(seed=seed), stop=list(stop), stream=bool(req.stream)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _Job(kind, job_id, self.model.name, protocol.now(), requests, req.stream, include_usage, n=req.n)
 
