@@ -70,7 +70,6 @@ class _Tracked:
     steps: int = 0
     prefix_seen: int = 0  # finalised-prefix length already read from the canvas
     answer: list[int] = field(default_factory=list)  # the finalised answer tokens, cut at a stop id
-    held: list[GenerationOutput] = field(default_factory=list)  # deltas of a non-streaming request
     error: str | None = None
     done: bool = False  # final output handed to the loop
     running: bool = False
@@ -516,17 +515,10 @@ class AsyncEngine:
     def _emit(self, tracked: _Tracked, out: GenerationOutput) -> None:
         if out.token_ids_delta and tracked.first_token is None:
             tracked.first_token = time.monotonic()
-        if not tracked.request.stream:  # one output at the end, with every delta in it
+        if not tracked.request.stream:  # one output at the end: all the detokenizer has emitted
             if not out.finished:
-                tracked.held.append(out)
                 return
-            if tracked.held:
-                held, tracked.held = [*tracked.held, out], []
-                out = replace(
-                    out,
-                    text_delta="".join(o.text_delta for o in held),
-                    token_ids_delta=[i for o in held for i in o.token_ids_delta],
-                )
+            out = replace(out, text_delta=tracked.detok.text, token_ids_delta=list(tracked.detok.token_ids))
         if self._outbox is not None:  # inside a step: one loop wake-up per step, not per request
             self._outbox.setdefault(tracked.loop, []).append((tracked, out))
             return
