@@ -73,6 +73,8 @@ def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
         r = httpx.get(server.base_url + f"/v1/models/{NAME}")
         assert r.status_code == 503 and r.json()["ready"] is False
         assert httpx.get(server.base_url + f"/v2/models/{NAME}/ready").status_code == 503
+        card = httpx.get(server.base_url + "/v1/models").json()["data"][0]
+        assert card["id"] == NAME and card["max_model_len"] is None  # unknown until loaded, not a bogus 0
         assert httpx.get(server.base_url + "/health").status_code == 200  # alive: a liveness probe must not kill it
         r = _post(server, {"prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
@@ -81,6 +83,7 @@ def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
         _fill(folder, staging)
         server.wait_ready(NAME)
         assert httpx.get(server.base_url + f"/v1/models/{NAME}").json()["ready"] is True
+        assert httpx.get(server.base_url + "/v1/models").json()["data"][0]["max_model_len"] > 0
         chat = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert chat.status_code == 200, chat.text

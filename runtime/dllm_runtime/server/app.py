@@ -96,7 +96,7 @@ class Routes:
 
     def _card(self) -> dict:
         loaded = self.model.loaded
-        max_len = loaded.max_model_len if loaded else 0
+        max_len = loaded.max_model_len if loaded else None  # not known until the weights are in
         return protocol.model_card(self.model.name, self.model.created, max_len, str(self.model.model_path))
 
     async def list_models(self, request: Request) -> Response:

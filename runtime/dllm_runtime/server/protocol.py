@@ -250,8 +250,9 @@ def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str
     }
 
 
-def model_card(name: str, created: int, max_model_len: int, root: str) -> dict[str, Any]:
-    """One entry of GET /v1/models, vLLM's shape (`max_model_len`, `root`)."""
+def model_card(name: str, created: int, max_model_len: int | None, root: str) -> dict[str, Any]:
+    """One entry of GET /v1/models, vLLM's shape (`max_model_len`, `root`); `max_model_len` is None
+    (JSON null, as vLLM's optional field allows) while the model is still loading."""
     return {
         "id": name,
         "object": "model",
