@@ -5,9 +5,11 @@ and enqueues a request, then awaits its per-request `asyncio.Queue`; it never to
 worker thread owns the model, the device and every `Sequence`; it loops: apply cancellations, admit
 waiting requests (`Scheduler`) and lay out their canvases, run one batched forward over every running
 sequence (`engine.step.run_step`, the same loop the conformance runner uses), then turn each
-sequence's newly finalised prefix into a `GenerationOutput` and hand the step's outputs to their loop
-with one `loop.call_soon_threadsafe`. The loop is never blocked by a forward; the worker never touches
-asyncio objects except through that call.
+sequence's newly finalised prefix into a `GenerationOutput` and hand the step's outputs to their
+`OutputSink` in one call per sink: for `generate`, one `loop.call_soon_threadsafe` per event loop.
+The loop is never blocked by a forward; the worker never touches asyncio objects except through that
+call. `engine.process` runs this same engine in a child process and submits with a sink that writes
+each step's outputs to its pipe.
 
 Shared state (waiting queue, cancel set, counters) is guarded by one lock held only for
 bookkeeping, never across a forward.
@@ -20,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import torch
 
@@ -46,6 +48,29 @@ logger = logging.getLogger(__name__)
 
 PolicyFactory = Callable[["DecodingParams", DiffusionModel], DecodingPolicy]
 
+
+class OutputSink(Protocol):
+    """Where the outputs of the requests submitted with it go (`AsyncEngine.submit`).
+
+    `send` runs on the engine's worker thread, once per step with every output of that step for this
+    sink's requests, each next to the queue its request was submitted with; it must not block on the
+    consumer. Raising `RuntimeError` says nobody listens any more: the unfinished requests are cancelled.
+    Sinks are compared by value, so equal sinks share one `send` per step.
+    """
+
+    def send(self, outputs: list[tuple[asyncio.Queue | None, GenerationOutput]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSink:
+    """`generate`'s sink: one wake-up of the consumers' event loop per step, which puts each output
+    in its request's `asyncio.Queue`."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def send(self, outputs: list[tuple[asyncio.Queue | None, GenerationOutput]]) -> None:
+        self.loop.call_soon_threadsafe(_deliver, outputs)
+
 _NEW, _RUNNING, _DRAINING, _STOPPED = "new", "running", "draining", "stopped"
 
 
@@ -58,8 +83,8 @@ class _Tracked:
     policy: DecodingPolicy
     footprint: Footprint
     detok: IncrementalDetokenizer
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: OutputSink
+    queue: asyncio.Queue | None  # handed back to the sink with each output (`generate` reads it)
     arrival: float
     max_tokens: int
     slots: int  # generation slots on the canvas
@@ -111,7 +136,7 @@ class AsyncEngine:
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._running: list[_Tracked] = []  # worker thread only
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Tracked, GenerationOutput]]] | None = None
+        self._outbox: dict[OutputSink, list[tuple[_Tracked, GenerationOutput]]] | None = None
         # counters (written by the worker under the lock, read by stats())
         self._total_steps = 0
         self._total_forwards = 0
@@ -132,16 +157,25 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish within `timeout` s, then abort the rest."""
+        if self._begin_shutdown(timeout):
+            await asyncio.to_thread(self._thread.join)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """`shutdown` for a caller without an event loop (the engine process's main thread): blocks."""
+        if self._begin_shutdown(timeout):
+            self._thread.join()  # type: ignore[union-attr]
+
+    def _begin_shutdown(self, timeout: float) -> bool:
+        """Start draining; True when there is a worker thread to wait for."""
         with self._wakeup:
             if self._state == _NEW:
                 self._state = _STOPPED
-                return
+                return False
             if self._state == _RUNNING:
                 self._state = _DRAINING
                 self._deadline = time.monotonic() + max(0.0, timeout)
             self._wakeup.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        return self._thread is not None
 
     @property
     def is_running(self) -> bool:
@@ -157,16 +191,23 @@ class AsyncEngine:
         shutting down. Leaving the iteration early (a client disconnect, task cancellation)
         cancels the request: it leaves the batch at the next step.
         """
-        tracked = self._submit(request, asyncio.get_running_loop())
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        tracked = self._submit(request, LoopSink(asyncio.get_running_loop()), queue)
         try:
             while True:
-                out = await tracked.queue.get()
+                out = await queue.get()
                 yield out
                 if out.finished:
                     return
         finally:
             if not tracked.done:
                 self._cancel(tracked)
+
+    def submit(self, request: GenerationRequest, sink: OutputSink, queue: asyncio.Queue | None = None) -> None:
+        """Validate and enqueue `request` now; its outputs go to `sink` (with `queue`), the last with
+        `finished=True`. Raises what `generate` raises. Thread-safe: the engine process calls it from
+        the thread that reads its pipe."""
+        self._submit(request, sink, queue)
 
     def cancel(self, request_id: str) -> None:
         """Abort a request (thread-safe; unknown or finished ids are ignored)."""
@@ -195,7 +236,7 @@ class AsyncEngine:
             )
 
     # ------------------------------------------------------------------ submission (event loop)
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Tracked:
+    def _submit(self, request: GenerationRequest, sink: OutputSink, queue: asyncio.Queue | None) -> _Tracked:
         if self._state != _RUNNING:
             raise EngineShutdownError(
                 "the engine is not running" if self._state == _NEW else "the engine is shutting down"
@@ -247,8 +288,8 @@ class AsyncEngine:
             policy=policy,
             footprint=footprint,
             detok=IncrementalDetokenizer(self.tokenizer, stop),
-            loop=loop,
-            queue=asyncio.Queue(),
+            sink=sink,
+            queue=queue,
             arrival=time.monotonic(),
             max_tokens=params.max_tokens,
             slots=slots,
@@ -520,19 +561,19 @@ class AsyncEngine:
                 return
             out = replace(out, text_delta=tracked.detok.text, token_ids_delta=list(tracked.detok.token_ids))
         if self._outbox is not None:  # inside a step: one loop wake-up per step, not per request
-            self._outbox.setdefault(tracked.loop, []).append((tracked, out))
+            self._outbox.setdefault(tracked.sink, []).append((tracked, out))
             return
-        self._send(tracked.loop, [(tracked, out)])
+        self._send(tracked.sink, [(tracked, out)])
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox or {}, None
-        for loop, items in outbox.items():
-            self._send(loop, items)
+        for sink, items in outbox.items():
+            self._send(sink, items)
 
-    def _send(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Tracked, GenerationOutput]]) -> None:
+    def _send(self, sink: OutputSink, items: list[tuple[_Tracked, GenerationOutput]]) -> None:
         try:
-            loop.call_soon_threadsafe(_deliver, [(t.queue, out) for t, out in items])
-        except RuntimeError:  # the consumers' loop is closed: nobody is listening any more
+            sink.send([(t.queue, out) for t, out in items])
+        except RuntimeError:  # e.g. the consumers' loop is closed: nobody is listening any more
             for tracked, out in items:
                 if not out.finished:
                     self._cancel(tracked)

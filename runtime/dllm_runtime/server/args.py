@@ -72,6 +72,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            "beyond it requests get 429 with Retry-After."),
     Option("max-cache-bytes", positive_int, None, "KV-cache memory budget in bytes across running "
            "sequences (default: engine's)."),
+    Option("engine-process", _bool, False, "Run the engine in a child process (vLLM's engine-core split) "
+           "instead of a thread of the server: HTTP and the step loop stop sharing one interpreter lock. "
+           "Wants a spare CPU core for each (GPU nodes); see docs/tuning.md.", flag=True),
     Option("api-key", _optional_str, None, "If set, /v1 and /openai/v1 require `Authorization: Bearer <key>`."),
     Option("trust-remote-code", _bool, False, "Accepted for vLLM compatibility and ignored: "
            "dllm-serve runs no remote code (native models only).", flag=True),
@@ -129,6 +132,7 @@ class ServeSettings:
     max_num_batched_tokens: int | None
     max_waiting: int
     max_cache_bytes: int | None
+    engine_process: bool
     api_key: str | None
     trust_remote_code: bool
     max_body_bytes: int

@@ -36,7 +36,7 @@ DEFAULT_MAX_MODEL_LEN = 4096
 class Loaded:
     """What `start_engine` produced."""
 
-    engine: Any  # dllm_runtime.engine.engine.AsyncEngine
+    engine: Any  # dllm_runtime.engine: AsyncEngine, or EngineProcess with --engine-process
     tokenizer: Any
     model_type: str
     max_model_len: int
@@ -130,16 +130,12 @@ class DiffusionLMModel(kserve.Model):
 
         from dllm_runtime.engine.config import EngineConfig
         from dllm_runtime.engine.engine import AsyncEngine
+        from dllm_runtime.engine.process import EngineProcess, EngineSpec
         from dllm_runtime.models import load_model
         from dllm_runtime.tokenizer import load_tokenizer
 
         s = self.settings
-        device = s.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.monotonic()
-        model = load_model(self.model_path, dtype=None if s.dtype == "auto" else s.dtype, device=device)
-        tokenizer = load_tokenizer(self.model_path)
         max_model_len = s.max_model_len or min(_config_max_len(self.model_path) or DEFAULT_MAX_MODEL_LEN,
                                                DEFAULT_MAX_MODEL_LEN)
         defaults = EngineConfig()
@@ -150,9 +146,24 @@ class DiffusionLMModel(kserve.Model):
             max_waiting=s.max_waiting,
             max_cache_bytes=s.max_cache_bytes or defaults.max_cache_bytes,
         )
-        engine = AsyncEngine(model, tokenizer, config, observer=self.metrics)
-        logger.info("loaded %s on %s in %.1fs", self.model_path, device, time.monotonic() - started)
-        return Loaded(engine, tokenizer, str(model.model_type), max_model_len, int(model.vocab_size))
+        config.validate()  # a bad flag fails here, before a process starts
+        dtype = None if s.dtype == "auto" else s.dtype
+        if not s.engine_process:
+            device = s.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = load_model(self.model_path, dtype=dtype, device=device)
+            tokenizer = load_tokenizer(self.model_path)
+            engine: Any = AsyncEngine(model, tokenizer, config, observer=self.metrics)
+            model_type, vocab_size = str(model.model_type), int(model.vocab_size)
+        else:  # the engine process loads the weights and owns the device; the tokenizer is also the server's
+            engine = EngineProcess(EngineSpec(str(self.model_path), dtype, s.device, config), observer=self.metrics)
+            info = engine.load()
+            tokenizer = load_tokenizer(self.model_path)  # chat templates, prompt encoding
+            device, model_type, vocab_size = info.device, info.model_type, info.vocab_size
+        logger.info("loaded %s on %s in %.1fs%s", self.model_path, device, time.monotonic() - started,
+                    " (engine process)" if s.engine_process else "")
+        return Loaded(engine, tokenizer, model_type, max_model_len, vocab_size)
 
     def _wait_for_model_folder(self) -> None:
         """Wait for `config.json` (a modelcar sidecar or a copy may still be filling the folder)."""
