@@ -37,7 +37,7 @@ from dllm_runtime.engine.request import (
     RequestValidationError,
 )
 from dllm_runtime.engine.scheduler import Footprint, Scheduler, estimate_cache_bytes
-from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats, StepStats
+from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats, StepStats, notify
 from dllm_runtime.engine.step import run_step
 from dllm_runtime.models.base import DiffusionModel
 
@@ -579,12 +579,7 @@ class AsyncEngine:
                     self._cancel(tracked)
 
     def _observe(self, method: str, stats: StepStats | RequestStats) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, method)(stats)
-        except Exception:
-            logger.exception("engine observer %s failed (ignored)", method)
+        notify(self.observer, method, stats)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:

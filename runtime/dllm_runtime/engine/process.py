@@ -46,7 +46,7 @@ from dllm_runtime.engine.request import (
     QueueFullError,
     RequestValidationError,
 )
-from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats, StepStats
+from dllm_runtime.engine.stats import EngineObserver, EngineStats, RequestStats, StepStats, notify
 
 logger = logging.getLogger(__name__)
 
@@ -396,12 +396,7 @@ class EngineProcess:
             entry.loop.call_soon_threadsafe(settle)
 
     def _observe(self, method: str, stats: StepStats | RequestStats) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, method)(stats)
-        except Exception:
-            logger.exception("engine observer %s failed (ignored)", method)
+        notify(self.observer, method, stats)
 
     def _closed(self) -> None:
         """The pipe is done: after "stopped" nothing is open; otherwise the child died under us."""

@@ -7,8 +7,11 @@ observer is logged and ignored; it never stops the engine.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,13 @@ class EngineObserver(Protocol):
     def on_step(self, stats: StepStats) -> None: ...
 
     def on_request_finished(self, stats: RequestStats) -> None: ...
+
+
+def notify(observer: EngineObserver | None, method: str, stats: StepStats | RequestStats) -> None:
+    """Call `observer.<method>(stats)`; an observer's exception is logged and ignored, never the engine's."""
+    if observer is None:
+        return
+    try:
+        getattr(observer, method)(stats)
+    except Exception:
+        logger.exception("engine observer %s failed (ignored)", method)
