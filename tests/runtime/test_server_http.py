@@ -26,17 +26,22 @@ BODY_LIMIT = 64 * 1024
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llada_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def server(request, tiny_llada_dir, tmp_path_factory):
+    """Every test runs against both engine placements: the default (the engine on a worker thread of
+    the server process) and `--engine-process` (the engine in a child process behind a pipe), which
+    must be indistinguishable over HTTP."""
     log = tmp_path_factory.mktemp("server") / "server.log"
+    placement = ["--engine-process"] if request.param == "engine-process" else []
     proc = ServerProcess(
         "--model", str(tiny_llada_dir), "--served-model-name", NAME, "--api-key", API_KEY,
         "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(BODY_LIMIT), "--max-n", "4",
-        "--default-max-tokens", "4", "--trust-remote-code", "--grace-period", "0",
+        "--default-max-tokens", "4", "--trust-remote-code", "--grace-period", "0", *placement,
         env={"DLLM_MAX_NUM_SEQS": "16"}, log_path=log,
     )
     try:
         proc.wait_ready(NAME)
+        assert ("(engine process)" in proc.log()) == bool(placement), proc.log()[-3000:]
         yield proc
     finally:
         code = proc.terminate()  # normally already stopped by the last test

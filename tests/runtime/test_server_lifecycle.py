@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.helpers.tiny_models import make_tiny_model_dir
 from tests.runtime.server_process import REPO, ServerProcess
@@ -151,10 +152,98 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
         server.terminate()
 
 
-def test_model_that_fails_to_load_exits_1_with_the_reason(tmp_path):
+@pytest.mark.parametrize("placement", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def test_model_that_fails_to_load_exits_1_with_the_reason(tmp_path, placement):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     from tests.runtime.server_process import free_port
 
-    result = run_cli("--model", str(tmp_path), "--port", str(free_port()), "--host", "127.0.0.1")
+    result = run_cli("--model", str(tmp_path), "--port", str(free_port()), "--host", "127.0.0.1", *placement)
     assert result.returncode == 1
     assert "failed to load model" in result.stderr and "safetensors" in result.stderr  # the reason, not a traceback
+
+
+# ------------------------------------------------------------------------------ --engine-process
+
+
+def _engine_child(server: ServerProcess) -> int:
+    """The pid of the server's engine process (its multiprocessing "spawn" child)."""
+    from pathlib import Path
+
+    pid = server.proc.pid
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    engines = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(engines) == 1, (children, engines)
+    return engines[0]
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    import os
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie has exited; its parent (the server) has not reaped it yet
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        time.sleep(0.1)
+    return False
+
+
+LONG = {"model": "m", "prompt": "a long story", "max_tokens": 160, "algorithm": "llada", "steps": 160,
+        "block_length": 1, "stream": True}
+
+
+def test_engine_process_crash_fails_requests_and_liveness(tiny_llada_dir, tmp_path):
+    """The engine process dies mid-request (OOM killer, a segfault in a kernel): the streaming client
+    gets an error event, not a hang; liveness and readiness say so (503), so Kubernetes restarts the
+    pod; new requests are refused with 503; the server still shuts down cleanly on SIGTERM."""
+    import json
+    import os
+    import signal
+
+    server = ServerProcess("--model", str(tiny_llada_dir), "--served-model-name", "m", "--engine-process",
+                           log_path=tmp_path / "server.log")
+    try:
+        server.wait_ready("m")
+        assert httpx.get(server.base_url + "/health").status_code == 200
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=LONG, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # decoding
+            os.kill(_engine_child(server), signal.SIGKILL)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "engine_error", events[-1]
+        assert "exited unexpectedly" in events[-1]["error"]["message"]
+        health = httpx.get(server.base_url + "/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_not_running"
+        assert httpx.get(server.base_url + "/v2/models/m/ready").status_code == 503
+        status = httpx.get(server.base_url + "/v1/models/m")
+        assert status.status_code == 503 and "engine not running" in status.json()["error"]["message"]
+        refused = _post(server, {"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503, refused.text
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log()[-3000:]
+    finally:
+        server.terminate()
+
+
+def test_engine_process_ends_with_the_server(tiny_llada_dir, tmp_path):
+    """No orphan holding the GPU: a SIGTERM stops the engine process with the server, and so does a
+    SIGKILL of the server (the engine sees its pipe close)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        server = ServerProcess("--model", str(tiny_llada_dir), "--served-model-name", "m", "--engine-process",
+                               log_path=tmp_path / f"server-{sig.name}.log")
+        try:
+            server.wait_ready("m")
+            child = _engine_child(server)
+            server.proc.send_signal(sig)
+            server.proc.wait(60)
+            assert _gone(child, 30), f"engine process {child} outlived the server ({sig.name})"
+        finally:
+            server.terminate()

@@ -2,10 +2,10 @@
 
 Why: in one process the server's event loop (HTTP parsing, tokenization, JSON, one SSE event per
 delta) and the engine's step loop share one interpreter lock, so every delta the server streams is
-time the step loop waits for. vLLM runs its engine core in its own process for this reason; so does
-`dllm-serve serve` (`--engine-in-process` keeps it on a thread, for debugging). The child owns the
-device and the model and runs an ordinary `AsyncEngine`; the parent keeps the tokenizer (chat
-templates, prompt encoding) and everything HTTP.
+time the step loop waits for. vLLM runs its engine core in its own process for this reason;
+`dllm-serve serve --engine-process` does the same (off by default: see docs/engine.md). The child
+owns the device and the model and runs an ordinary `AsyncEngine`; the parent keeps the tokenizer
+(chat templates, prompt encoding) and everything HTTP.
 
 Wire: one duplex `multiprocessing` pipe of pickled tuples (requests, outputs and statistics are small
 dataclasses).

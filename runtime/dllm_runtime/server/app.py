@@ -110,7 +110,8 @@ class Routes:
         ready = await self.model.healthy()
         body = {**self._card(), "name": self.model.name, "ready": ready}
         if not ready:
-            reason = "shutting down" if self.model.draining else "loading"
+            reason = ("shutting down" if self.model.draining
+                      else "engine not running" if self._engine_dead() else "loading")
             body["error"] = Unavailable(f"model is not ready ({reason})", code="model_not_ready").body()["error"]
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -127,13 +128,14 @@ class Routes:
         """Liveness: 200 while the process makes progress (loading, serving, draining), 503 once the
         engine has died or the load failed, so a livenessProbe here restarts a wedged pod without
         killing one that is still loading large weights (readiness is separate)."""
-        loaded = self.model.loaded
-        dead = self.model.load_error is not None or (
-            loaded is not None and self.model.ready and not loaded.engine.is_running
-        )
-        if dead:
+        if self.model.load_error is not None or self._engine_dead():
             return JSONResponse(Unavailable("engine not running", code="engine_not_running").body(), status_code=503)
         return Response(status_code=200)
+
+    def _engine_dead(self) -> bool:
+        """The engine ran and stopped without a shutdown (its thread or process is gone)."""
+        loaded = self.model.loaded
+        return loaded is not None and self.model.ready and not loaded.engine.is_running
 
 
 def register_routes(app: FastAPI, model: DiffusionLMModel, serving: OpenAIServing) -> Routes:
