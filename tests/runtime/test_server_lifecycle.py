@@ -61,13 +61,17 @@ def _post(server, body, timeout=120.0) -> httpx.Response:
     return httpx.post(server.base_url + "/v1/completions", json=body, timeout=timeout)
 
 
-def test_readiness_queue_limit_and_sigterm_drain(tmp_path):
+PLACEMENTS = pytest.mark.parametrize("placement", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+
+
+@PLACEMENTS
+def test_readiness_queue_limit_and_sigterm_drain(tmp_path, placement):
     folder, staging = tmp_path / "model", tmp_path / "staging"
     folder.mkdir()
     make_tiny_model_dir(staging, arch="dream")
     server = ServerProcess("--model", str(folder), "--model-wait-timeout", "300", "--served-model-name", NAME,
                            "--max-num-seqs", "1", "--max-waiting", "1", "--grace-period", "60",
-                           "--retry-after", "3", log_path=tmp_path / "server.log")
+                           "--retry-after", "3", *placement, log_path=tmp_path / "server.log")
     try:
         # ---- HTTP is up, the model is not: every readiness path says 503, liveness says 200
         server.wait_live()
@@ -152,7 +156,7 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
         server.terminate()
 
 
-@pytest.mark.parametrize("placement", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@PLACEMENTS
 def test_model_that_fails_to_load_exits_1_with_the_reason(tmp_path, placement):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     from tests.runtime.server_process import free_port
