@@ -9,11 +9,15 @@ template, shifted logits) is served end to end as well.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +29,6 @@ NAME = "dream"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run([sys.executable, "-m", "dllm_runtime", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})})
 
@@ -171,8 +173,6 @@ def test_model_that_fails_to_load_exits_1_with_the_reason(tmp_path, placement):
 
 def _engine_child(server: ServerProcess) -> int:
     """The pid of the server's engine process (its multiprocessing "spawn" child)."""
-    from pathlib import Path
-
     pid = server.proc.pid
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]
@@ -182,8 +182,6 @@ def _engine_child(server: ServerProcess) -> int:
 
 
 def _gone(pid: int, timeout: float) -> bool:
-    import os
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -206,10 +204,6 @@ def test_engine_process_crash_fails_requests_and_liveness(tiny_llada_dir, tmp_pa
     """The engine process dies mid-request (OOM killer, a segfault in a kernel): the streaming client
     gets an error event, not a hang; liveness and readiness say so (503), so Kubernetes restarts the
     pod; new requests are refused with 503; the server still shuts down cleanly on SIGTERM."""
-    import json
-    import os
-    import signal
-
     server = ServerProcess("--model", str(tiny_llada_dir), "--served-model-name", "m", "--engine-process",
                            log_path=tmp_path / "server.log")
     try:
@@ -238,8 +232,6 @@ def test_engine_process_crash_fails_requests_and_liveness(tiny_llada_dir, tmp_pa
 def test_engine_process_ends_with_the_server(tiny_llada_dir, tmp_path):
     """No orphan holding the GPU: a SIGTERM stops the engine process with the server, and so does a
     SIGKILL of the server (the engine sees its pipe close)."""
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         server = ServerProcess("--model", str(tiny_llada_dir), "--served-model-name", "m", "--engine-process",
                                log_path=tmp_path / f"server-{sig.name}.log")

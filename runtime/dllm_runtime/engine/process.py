@@ -122,7 +122,9 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     write = _Writer(conn)
     try:
-        engine, info = _load(spec, _PipeObserver(write))
+        observer = _PipeObserver(write)
+        engine, info = build_engine(spec, observer)
+        observer.engine = engine
     except BaseException as exc:  # report every load failure, then exit
         with contextlib.suppress(RuntimeError):
             write("failed", f"{type(exc).__name__}: {exc}")
@@ -140,7 +142,9 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
         write("stopped")
 
 
-def _load(spec: EngineSpec, observer: _PipeObserver) -> tuple[Any, ModelInfo]:
+def build_engine(spec: EngineSpec, observer: EngineObserver | None) -> tuple[Any, ModelInfo]:
+    """Load the model and tokenizer `spec` names onto its device and wrap them in an `AsyncEngine`
+    (not started). The server calls this for an in-process engine; the engine process, for its own."""
     import torch
 
     from dllm_runtime.engine.engine import AsyncEngine
@@ -152,7 +156,6 @@ def _load(spec: EngineSpec, observer: _PipeObserver) -> tuple[Any, ModelInfo]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(spec.model_path, dtype=spec.dtype, device=device)
     engine = AsyncEngine(model, load_tokenizer(spec.model_path), spec.config, observer=observer)
-    observer.engine = engine
     return engine, ModelInfo(str(model.model_type), int(model.vocab_size), device)
 
 

@@ -74,7 +74,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            "sequences (default: engine's)."),
     Option("engine-process", _bool, False, "Run the engine in a child process (vLLM's engine-core split) "
            "instead of a thread of the server: HTTP and the step loop stop sharing one interpreter lock. "
-           "Wants a spare CPU core for each (GPU nodes); see docs/tuning.md.", flag=True),
+           "Wants a spare CPU core for each (GPU nodes); see docs/engine.md.", flag=True),
     Option("api-key", _optional_str, None, "If set, /v1 and /openai/v1 require `Authorization: Bearer <key>`."),
     Option("trust-remote-code", _bool, False, "Accepted for vLLM compatibility and ignored: "
            "dllm-serve runs no remote code (native models only).", flag=True),

@@ -126,12 +126,9 @@ class DiffusionLMModel(kserve.Model):
     # ------------------------------------------------------------------ loading (worker thread)
     def _load_blocking(self) -> Loaded:
         self._wait_for_model_folder()
-        import torch  # heavy imports happen here, after HTTP is already up
-
+        # heavy imports (torch, the models) happen here and in `build_engine`, after HTTP is already up
         from dllm_runtime.engine.config import EngineConfig
-        from dllm_runtime.engine.engine import AsyncEngine
-        from dllm_runtime.engine.process import EngineProcess, EngineSpec
-        from dllm_runtime.models import load_model
+        from dllm_runtime.engine.process import EngineProcess, EngineSpec, build_engine
         from dllm_runtime.tokenizer import load_tokenizer
 
         s = self.settings
@@ -147,23 +144,17 @@ class DiffusionLMModel(kserve.Model):
             max_cache_bytes=s.max_cache_bytes or defaults.max_cache_bytes,
         )
         config.validate()  # a bad flag fails here, before a process starts
-        dtype = None if s.dtype == "auto" else s.dtype
-        if not s.engine_process:
-            device = s.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            model = load_model(self.model_path, dtype=dtype, device=device)
-            tokenizer = load_tokenizer(self.model_path)
-            engine: Any = AsyncEngine(model, tokenizer, config, observer=self.metrics)
-            model_type, vocab_size = str(model.model_type), int(model.vocab_size)
-        else:  # the engine process loads the weights and owns the device; the tokenizer is also the server's
-            engine = EngineProcess(EngineSpec(str(self.model_path), dtype, s.device, config), observer=self.metrics)
+        spec = EngineSpec(str(self.model_path), None if s.dtype == "auto" else s.dtype, s.device, config)
+        if s.engine_process:  # the child loads the weights and owns the device; the server keeps a tokenizer
+            engine: Any = EngineProcess(spec, observer=self.metrics)
             info = engine.load()
             tokenizer = load_tokenizer(self.model_path)  # chat templates, prompt encoding
-            device, model_type, vocab_size = info.device, info.model_type, info.vocab_size
-        logger.info("loaded %s on %s in %.1fs%s", self.model_path, device, time.monotonic() - started,
+        else:
+            engine, info = build_engine(spec, observer=self.metrics)
+            tokenizer = engine.tokenizer
+        logger.info("loaded %s on %s in %.1fs%s", self.model_path, info.device, time.monotonic() - started,
                     " (engine process)" if s.engine_process else "")
-        return Loaded(engine, tokenizer, model_type, max_model_len, vocab_size)
+        return Loaded(engine, tokenizer, info.model_type, max_model_len, info.vocab_size)
 
     def _wait_for_model_folder(self) -> None:
         """Wait for `config.json` (a modelcar sidecar or a copy may still be filling the folder)."""
