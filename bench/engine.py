@@ -172,21 +172,25 @@ def forward_ceiling(model: Any, canvas: int, levels: list[int], repeats: int = 1
     The most continuous batching can gain on this machine: when forwards are compute-bound (CPU,
     any real width), c rows cost ~c times one row and no scheduler can beat that ratio. CPU time
     (median of `repeats`), not wall time: on a shared machine a long forward is preempted more
-    often than a short one, which would bias wall-clock numbers against big batches.
+    often than a short one, which would bias wall-clock numbers against big batches. The levels
+    take turns, after a few warm-up calls each: measured one level after the other, the first
+    level's calls right after the engine runs came out slow (a c16 "ceiling" of 7x instead of 4x).
     """
     device = next(model.parameters()).device
-    times = {}
+    inputs = {}
+    samples: dict[int, list[float]] = {c: [] for c in levels}
     with torch.inference_mode():
         for c in levels:
             ids = torch.randint(0, 200, (c, canvas), device=device)
-            pos = model.position_ids(torch.ones(c, canvas, dtype=torch.bool, device=device))
-            model(ids, pos)
-            samples = []
-            for _ in range(repeats):
+            inputs[c] = ids, model.position_ids(torch.ones(c, canvas, dtype=torch.bool, device=device))
+            for _ in range(3):
+                model(*inputs[c])
+        for _ in range(repeats):
+            for c in levels:
                 start = time.process_time()
-                model(ids, pos)
-                samples.append(time.process_time() - start)
-            times[c] = statistics.median(samples)
+                model(*inputs[c])
+                samples[c].append(time.process_time() - start)
+    times = {c: statistics.median(s) for c, s in samples.items()}
     return {c: c * times[levels[0]] / (levels[0] * times[c]) for c in levels}
 
 
