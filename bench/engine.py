@@ -174,7 +174,8 @@ def forward_ceiling(model: Any, canvas: int, levels: list[int], repeats: int = 1
     (median of `repeats`), not wall time: on a shared machine a long forward is preempted more
     often than a short one, which would bias wall-clock numbers against big batches. The levels
     take turns, after a few warm-up calls each: measured one level after the other, the first
-    level's calls right after the engine runs came out slow (a c16 "ceiling" of 7x instead of 4x).
+    level's calls right after the engine runs came out slow (a c16 "ceiling" anywhere from 3x to 7x
+    instead of a steady 4.2x on the width-16 model).
     """
     device = next(model.parameters()).device
     inputs = {}
