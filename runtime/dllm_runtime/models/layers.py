@@ -80,9 +80,10 @@ class Rotary(nn.Module):
         negated (see `_rotate`). Computed in fp32 and, unless `full_precision`, cast to the activations'
         `dtype` as the reference casts them; made once per forward, used by every layer."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
-        sin, half = emb.sin(), freqs.shape[-1]  # the references' tables, then an exact sign flip
-        cos, signed_sin = emb.cos(), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        # the references take cos/sin of `cat([freqs, freqs])`: the same numbers twice (elementwise ops
+        # round each element alike wherever it sits), so half the work, then the halves side by side
+        cos_half, sin_half = freqs.cos()[:, :, None], freqs.sin()[:, :, None]
+        cos, signed_sin = torch.cat([cos_half, cos_half], dim=-1), torch.cat([-sin_half, sin_half], dim=-1)
         if self.full_precision:
             return cos, signed_sin
         return cos.to(dtype), signed_sin.to(dtype)
