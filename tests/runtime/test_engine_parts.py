@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
+import torch
+from dllm_runtime.decoding.base import RandomSource, Sequence, generation_ids
 from dllm_runtime.engine.config import EngineConfig
 from dllm_runtime.engine.detokenizer import IncrementalDetokenizer
 from dllm_runtime.engine.request import QueueFullError, RequestValidationError
 from dllm_runtime.engine.scheduler import Footprint, Scheduler
 from tests.helpers.byte_tokenizer import ByteTokenizer
+from dllm_runtime.models.base import SpecialIds
 from tests.helpers.tiny_models import TOKENIZERS
 
 TEXT = "Grüße, 世界! 🚀🚀 naïve café — done."
@@ -95,6 +97,20 @@ def test_stop_string_at_start_gives_empty_text() -> None:
 
 def fp(rows: int = 1, canvas: int = 10, cache: int = 0) -> Footprint:
     return Footprint(rows=rows, canvas=canvas, cache_bytes=cache)
+
+
+def test_generation_ids_read_each_sequences_current_canvas() -> None:
+    """The engine reads every sequence's generation slots after every step through a view kept on the
+    sequence; in-place commits show through it, and a canvas replaced by a new tensor is read anew."""
+    special = SpecialIds(mask=250, eos=251, pad=251, eot=252, bos=248)
+    one = Sequence(canvas=torch.tensor([[1, 2, 250, 250]]), prompt_len=2, special=special, rng=RandomSource(0))
+    two = Sequence(canvas=torch.tensor([[3, 250, 250, 250]]), prompt_len=1, special=special, rng=RandomSource(0))
+    assert generation_ids([one, two]) == [[250, 250], [250, 250, 250]]
+    one.canvas[0, 2] = 7
+    two.canvas[0, 3] = 8
+    assert generation_ids([one, two]) == [[7, 250], [250, 250, 8]]
+    one.canvas = torch.tensor([[1, 2, 5, 6, 250]])
+    assert generation_ids([two, one]) == [[250, 250, 8], [5, 6, 250]]
 
 
 def test_scheduler_is_strict_fifo_under_every_limit() -> None:

@@ -153,26 +153,32 @@ class GreedyCommits:
     ) -> GreedyCommits | None:
         """The items whose policy is `greedy` (or `members`), or None when fewer than two are (alone,
         a policy's own `commit` takes fewer ops). `rows(policy, seq, logits)`: a member's candidate
-        rows `(n, V)`; by default its logits' first row, `(n, V)` at `ForwardSpec.logits_at`."""
+        rows `(n, V)`; None: its logits' first row, `(n, V)` at `ForwardSpec.logits_at`."""
         if members is None:
             members = [i for i, (policy, _, _) in enumerate(items) if policy.greedy]
         if len(members) < 2:
             return None
-        return cls(items, members, score, rows or (lambda policy, seq, logits: logits[0]))
+        return cls(items, members, score, rows)
 
     def __init__(
         self,
         items: list[tuple[Any, Sequence, torch.Tensor]],
         members: list[int],
         score: Scorer,
-        rows: Callable[[Any, Sequence, torch.Tensor], torch.Tensor],
+        rows: Callable[[Any, Sequence, torch.Tensor], torch.Tensor] | None,
     ) -> None:
         self.items, self.members = items, members
         self.policies = [items[i][0] for i in members]
         self.seqs = [items[i][1] for i in members]
-        candidates = [rows(*items[i]) for i in members]
-        self.counts = [c.shape[0] for c in candidates]
-        self.tokens, confidence = score(torch.cat(candidates))
+        if rows is None:  # first rows, joined along the positions: no per-member view to make
+            first_rows = [items[i][2][:1] if items[i][2].shape[0] > 1 else items[i][2] for i in members]
+            self.counts = [c.shape[1] for c in first_rows]
+            candidates = torch.cat(first_rows, dim=1)[0]
+        else:
+            per_member = [rows(*items[i]) for i in members]
+            self.counts = [c.shape[0] for c in per_member]
+            candidates = torch.cat(per_member)
+        self.tokens, confidence = score(candidates)
         flat = confidence.tolist()
         starts = [0, *accumulate(self.counts)]
         self.confidence: list[list[float]] = [flat[lo:hi] for lo, hi in zip(starts, starts[1:])]
@@ -205,15 +211,24 @@ def top_k_choice(confidence: list[float], k: int) -> list[bool] | None:
     if k in (0, n):
         return [k > 0] * n
     ranked = sorted(confidence, reverse=True)
-    if ranked[k] == ranked[k - 1] or any(c != c for c in confidence):
+    cut = ranked[k - 1]
+    if ranked[k] == cut or _has_nan(confidence):
         return None
-    return [c >= ranked[k - 1] for c in confidence]
+    return [c >= cut for c in confidence]
+
+
+def _has_nan(values: list[float]) -> bool:
+    """Whether a NaN is among `values`, by their sum (one C loop, where a generator costs ~1 us per
+    call at every step): a NaN makes it NaN. So does `inf + -inf`, which only sends the sequence to
+    the reference op, never to a wrong choice."""
+    total = sum(values)
+    return total != total
 
 
 def threshold_choice(confidence: list[float], threshold: float) -> list[bool] | None:
     """Fast-dLLM's threshold rule: every candidate at or above `threshold`, plus the first most
     confident one (`argmax`). None with a NaN present (`argmax` ranks it first; let the reference op)."""
-    if any(c != c for c in confidence):
+    if _has_nan(confidence):
         return None
     flags = [c >= threshold for c in confidence]
     if confidence:
