@@ -49,7 +49,10 @@ class StandInModel(torch.nn.Module):
         self.position_ids = model.position_ids
         self.table = torch.randn(8192, model.vocab_size, generator=torch.Generator().manual_seed(0))
 
-    def forward(self, ids, positions, attention=None, logits_index=None):  # noqa: ANN001, ANN201
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, attention: object = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         flat = ids.reshape(-1)
         if logits_index is not None:
             flat = flat[logits_index]
